@@ -1,0 +1,52 @@
+"""UB-SMoE layer: routing with DMR, experts with per-expert LoRA, the pseudo-gradient, statistics.
+
+Depends on torch only.
+"""
+
+from ubsmoe.moe.block import UBSMoEBlock
+from ubsmoe.moe.config import UBSMoEConfig, budget_to_top_k, sparsity_factor
+from ubsmoe.moe.dmr import dmr_target, dmr_update, global_utilization, mean_top_k
+from ubsmoe.moe.experts import ExpertLoRA, SwiGLU, experts_from_dense, swiglu_experts
+from ubsmoe.moe.model import (
+    apply_pseudo_gradients,
+    collect_utilization,
+    get_phi,
+    moe_blocks,
+    range_loss,
+    reset_utilization,
+    set_phi,
+    set_top_k,
+)
+from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
+from ubsmoe.moe.routing import Routing, modulated_logits, range_regularizer, route
+from ubsmoe.moe.stats import dead_experts, utilization_cv
+
+__all__ = [
+    "ExpertLoRA",
+    "Routing",
+    "SwiGLU",
+    "UBSMoEBlock",
+    "UBSMoEConfig",
+    "add_pseudo_gradient",
+    "apply_pseudo_gradients",
+    "budget_to_top_k",
+    "collect_utilization",
+    "dead_experts",
+    "dmr_target",
+    "dmr_update",
+    "experts_from_dense",
+    "get_phi",
+    "global_utilization",
+    "mean_top_k",
+    "modulated_logits",
+    "moe_blocks",
+    "range_loss",
+    "range_regularizer",
+    "reset_utilization",
+    "route",
+    "set_phi",
+    "set_top_k",
+    "sparsity_factor",
+    "swiglu_experts",
+    "utilization_cv",
+]

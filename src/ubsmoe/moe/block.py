@@ -1,0 +1,198 @@
+"""The UB-SMoE block: a sparse MoE layer over frozen experts with per-expert LoRA, DMR and PG.
+
+It drops in where a transformers sparse MoE block sits: `forward(hidden_states)` maps (..., H) to
+(..., H). The frozen router and expert tensors are held by reference (no copies). The number of
+experts per token, `top_k`, is set per client (or per call) and only the chosen experts run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ubsmoe.moe.config import UBSMoEConfig, sparsity_factor
+from ubsmoe.moe.experts import ExpertLoRA, frozen_parameter, grouped_mm_supported, swiglu_experts
+from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
+from ubsmoe.moe.routing import range_regularizer, route
+
+
+class UBSMoEBlock(nn.Module):
+    """Sparse MoE block with Dynamic Modulated Routing and the universal pseudo-gradient.
+
+    Args:
+        gate_up_proj: (M, 2I, H) frozen fused gate/up expert weights.
+        down_proj: (M, H, I) frozen expert down weights.
+        router_weight: (M, H) router weight W_r.
+        native_top_k: K_max, the model's own number of experts per token.
+        config: LoRA, routing, DMR and PG settings.
+        shared_expert: optional always-on module (H -> H), e.g. a MoEfied model's shared neurons.
+        shared_expert_gate: optional (H -> 1) module whose sigmoid scales the shared expert (Qwen2-MoE).
+
+    Training protocol per local step: forward, `loss + block.range_loss()`, backward, then
+    `block.apply_pseudo_gradient()` before the optimizer step.
+    """
+
+    def __init__(
+        self,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        router_weight: torch.Tensor,
+        native_top_k: int,
+        config: UBSMoEConfig | None = None,
+        *,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
+        super().__init__()
+        config = config or UBSMoEConfig()
+        num_experts, double_inner, hidden = gate_up_proj.shape
+        inner = double_inner // 2
+        expected = {"down_proj": (num_experts, hidden, inner), "router_weight": (num_experts, hidden)}
+        for name, tensor in (("down_proj", down_proj), ("router_weight", router_weight)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name} must have shape {expected[name]} to match gate_up_proj, got {tuple(tensor.shape)}")
+        if not 1 <= native_top_k <= num_experts:
+            raise ValueError(f"native_top_k must be in [1, {num_experts}], got {native_top_k}")
+
+        self.config = config
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden, inner
+        self.native_top_k = native_top_k
+        self.num_candidates = config.candidates_for(native_top_k, num_experts)
+        self.activation = activation
+        self.gate_up_proj = frozen_parameter(gate_up_proj)
+        self.down_proj = frozen_parameter(down_proj)
+        self.router_weight = frozen_parameter(router_weight)
+        self.router_weight.requires_grad_(config.router_trainable)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+        parameter_dtype = torch.float32 if gate_up_proj.dtype in (torch.float16, torch.bfloat16) else gate_up_proj.dtype
+        self.lora = ExpertLoRA(
+            num_experts, hidden, inner, config.lora_rank, config.lora_alpha, config.lora_targets,
+            dtype=parameter_dtype, device=gate_up_proj.device,
+        )
+        self.phi = nn.Parameter(
+            torch.zeros(num_experts, dtype=torch.float32, device=gate_up_proj.device), requires_grad=config.dmr
+        )
+        self._top_k = native_top_k
+        self.track_utilization = True
+        # statistics, not model state: excluded from state_dict
+        device = gate_up_proj.device
+        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("token_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_used_mass", torch.zeros(num_experts, device=device), persistent=False)
+        self.register_buffer("_scaled_missed_mass", torch.zeros(num_experts, device=device), persistent=False)
+
+    # ---- configuration -------------------------------------------------------------------------
+    @property
+    def top_k(self) -> int:
+        """K used by the next forward (the client's K_c)."""
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        if not isinstance(value, int) or not 1 <= value <= self.num_experts:
+            raise ValueError(f"top_k must be an integer in [1, {self.num_experts}], got {value!r}")
+        self._top_k = value
+
+    def implementation_for(self, dtype: torch.dtype) -> str:
+        """The expert-matmul implementation a forward in `dtype` uses."""
+        choice = self.config.implementation
+        if choice != "auto":
+            return choice
+        sizes = (self.hidden_size, self.intermediate_size, 2 * self.intermediate_size, max(self.config.lora_rank, 4))
+        return "grouped_mm" if grouped_mm_supported(dtype, self.gate_up_proj.device, sizes) else "eager"
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.hidden_size)
+        top_k = self._top_k
+        routing = route(
+            x, self.router_weight, top_k,
+            phi=self.phi if self.config.dmr else None,
+            num_candidates=self.num_candidates,
+            normalize_gates=self.config.normalize_gates,
+            unit_gates=self.config.unit_gates,
+        )
+        flat_expert = routing.expert_index.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        token_of_row = order // top_k
+        rows = swiglu_experts(
+            x[token_of_row], counts, self.gate_up_proj, self.down_proj,
+            self.lora if self.lora.targets else None,
+            self.implementation_for(x.dtype), self.activation,
+        )
+        rows = rows.to(x.dtype) * routing.gates.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(x).index_add_(0, token_of_row, rows)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        self._record(routing.probs, routing.expert_index, counts, top_k)
+        return out.view_as(hidden_states)
+
+    @torch.no_grad()
+    def _record(self, probs: torch.Tensor, expert_index: torch.Tensor, counts: torch.Tensor, top_k: int) -> None:
+        if self.track_utilization:
+            self.expert_counts += counts
+            self.token_count += probs.shape[0]
+        if self.training and self.config.pseudo_gradient and self.lora.targets:
+            probs = probs.to(self._used_mass.dtype)
+            used = torch.zeros_like(self._used_mass).index_add_(
+                0, expert_index.reshape(-1), probs.gather(1, expert_index).reshape(-1)
+            )
+            missed = probs.sum(0) - used
+            rho = sparsity_factor(self.num_experts, top_k, self.config.pg_rho_form)
+            self._used_mass += used
+            self._scaled_missed_mass += rho * missed
+
+    # ---- training hooks ------------------------------------------------------------------------
+    def range_loss(self) -> torch.Tensor:
+        """DMR range regulariser on phi (zero when DMR is off or phi is inside its range)."""
+        if not self.config.dmr:
+            return self.phi.new_zeros(())
+        c = self.config
+        return range_regularizer(self.phi, c.phi_min, c.phi_max, c.range_lambda)
+
+    @torch.no_grad()
+    def apply_pseudo_gradient(self) -> None:
+        """Add the universal pseudo-gradient to the expert-LoRA gradients, then clear the step's masses.
+
+        Call after backward and before the optimizer step; a no-op when PG is off or nothing was
+        recorded (e.g. in eval mode).
+        """
+        if self.config.pseudo_gradient:
+            for parameter in self.lora.adapter_parameters():
+                if parameter.grad is not None:
+                    parameter.grad.copy_(
+                        add_pseudo_gradient(parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
+                    )
+        self._used_mass.zero_()
+        self._scaled_missed_mass.zero_()
+
+    # ---- statistics ----------------------------------------------------------------------------
+    def utilization(self) -> dict[str, torch.Tensor]:
+        """Activation counts a_i per expert and the number n of tokens routed, since the last reset."""
+        return {"counts": self.expert_counts.detach().cpu().clone(), "tokens": self.token_count.detach().cpu().clone()}
+
+    def reset_utilization(self) -> None:
+        self.expert_counts.zero_()
+        self.token_count.zero_()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Expert LoRA and phi (and the router where configured), by name."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+            f"top_k={self.top_k}/{self.native_top_k}, candidates={self.num_candidates}, lora_rank={c.lora_rank}, "
+            f"dmr={c.dmr}, pseudo_gradient={c.pseudo_gradient}, implementation={c.implementation}"
+        )
