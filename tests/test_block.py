@@ -49,7 +49,9 @@ def test_zero_lora_zero_phi_equals_naive_reference(top_k):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("num_candidates", [3, 4, None])
 def test_lora_and_phi_equal_naive_reference(normalize, num_candidates):
-    block = make_block(randomize_lora=True, normalize_gates=normalize, num_candidates=num_candidates, implementation="eager")
+    block = make_block(
+        randomize_lora=True, normalize_gates=normalize, num_candidates=num_candidates, implementation="eager"
+    )
     with torch.no_grad():
         block.phi.copy_(torch.linspace(-1.0, 1.0, 8, dtype=torch.float32))
     block.top_k = 3
@@ -67,7 +69,11 @@ def test_grouped_mm_matches_eager_forward_and_gradients():
         block.zero_grad()
         out = block(x)
         (out * torch.linspace(-1, 1, 32)).sum().backward()
-        results[impl] = (out.detach(), [p.grad.clone() for p in block.lora.adapter_parameters()], block.phi.grad.clone())
+        results[impl] = (
+            out.detach(),
+            [p.grad.clone() for p in block.lora.adapter_parameters()],
+            block.phi.grad.clone(),
+        )
     (out_g, grads_g, phi_g), (out_e, grads_e, phi_e) = results["grouped_mm"], results["eager"]
     torch.testing.assert_close(out_g, out_e, rtol=1e-4, atol=1e-5)
     for g, e in zip(grads_g, grads_e, strict=True):
@@ -96,7 +102,10 @@ def test_matches_transformers_olmoe_sparse_block():
             for p in hf.parameters():
                 p.normal_(0, 0.2)
         block = UBSMoEBlock(
-            hf.experts.gate_up_proj, hf.experts.down_proj, hf.gate.weight, hf.gate.top_k,
+            hf.experts.gate_up_proj,
+            hf.experts.down_proj,
+            hf.gate.weight,
+            hf.gate.top_k,
             UBSMoEConfig(normalize_gates=norm, implementation="eager"),
         )
         assert block.gate_up_proj is hf.experts.gate_up_proj  # by reference, no copy
@@ -106,7 +115,11 @@ def test_matches_transformers_olmoe_sparse_block():
 
 def test_all_groups_with_unit_gates_equal_the_dense_ffn():
     H, I, M = 16, 32, 4
-    gate, up, down = torch.randn(I, H, dtype=torch.float64), torch.randn(I, H, dtype=torch.float64), torch.randn(H, I, dtype=torch.float64)
+    gate, up, down = (
+        torch.randn(I, H, dtype=torch.float64),
+        torch.randn(I, H, dtype=torch.float64),
+        torch.randn(H, I, dtype=torch.float64),
+    )
     groups = list(torch.randperm(I).view(M, I // M))
     gate_up, down_e = experts_from_dense(gate, up, down, groups)
     block = UBSMoEBlock(gate_up, down_e, torch.randn(M, H, dtype=torch.float64), M, UBSMoEConfig(unit_gates=True))
@@ -116,10 +129,21 @@ def test_all_groups_with_unit_gates_equal_the_dense_ffn():
 
 def test_shared_expert_is_always_on_and_gated():
     block = make_block(k=2)
-    shared = SwiGLU(torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64))
+    shared = SwiGLU(
+        torch.randn(8, 16, dtype=torch.float64),
+        torch.randn(8, 16, dtype=torch.float64),
+        torch.randn(16, 8, dtype=torch.float64),
+    )
     gate = torch.nn.Linear(16, 1, bias=False).double()
-    with_shared = UBSMoEBlock(block.gate_up_proj, block.down_proj, block.router_weight, 2, block.config,
-                              shared_expert=shared, shared_expert_gate=gate)
+    with_shared = UBSMoEBlock(
+        block.gate_up_proj,
+        block.down_proj,
+        block.router_weight,
+        2,
+        block.config,
+        shared_expert=shared,
+        shared_expert_gate=gate,
+    )
     x = torch.randn(4, 16, dtype=torch.float64)
     torch.testing.assert_close(with_shared(x), block(x) + torch.sigmoid(gate(x)) * shared(x))
 

@@ -54,7 +54,9 @@ class UBSMoEBlock(nn.Module):
         expected = {"down_proj": (num_experts, hidden, inner), "router_weight": (num_experts, hidden)}
         for name, tensor in (("down_proj", down_proj), ("router_weight", router_weight)):
             if tuple(tensor.shape) != expected[name]:
-                raise ValueError(f"{name} must have shape {expected[name]} to match gate_up_proj, got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"{name} must have shape {expected[name]} to match gate_up_proj, got {tuple(tensor.shape)}"
+                )
         if not 1 <= native_top_k <= num_experts:
             raise ValueError(f"native_top_k must be in [1, {num_experts}], got {native_top_k}")
 
@@ -72,8 +74,14 @@ class UBSMoEBlock(nn.Module):
 
         parameter_dtype = torch.float32 if gate_up_proj.dtype in (torch.float16, torch.bfloat16) else gate_up_proj.dtype
         self.lora = ExpertLoRA(
-            num_experts, hidden, inner, config.lora_rank, config.lora_alpha, config.lora_targets,
-            dtype=parameter_dtype, device=gate_up_proj.device,
+            num_experts,
+            hidden,
+            inner,
+            config.lora_rank,
+            config.lora_alpha,
+            config.lora_targets,
+            dtype=parameter_dtype,
+            device=gate_up_proj.device,
         )
         self.phi = nn.Parameter(
             torch.zeros(num_experts, dtype=torch.float32, device=gate_up_proj.device), requires_grad=config.dmr
@@ -82,10 +90,17 @@ class UBSMoEBlock(nn.Module):
         self.track_utilization = True
         # statistics, not model state: excluded from state_dict
         device = gate_up_proj.device
-        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "expert_counts", torch.zeros(num_experts, dtype=torch.long, device=device), persistent=False
+        )
         self.register_buffer("token_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("_used_mass", torch.zeros(num_experts, device=device), persistent=False)
-        self.register_buffer("_scaled_missed_mass", torch.zeros(num_experts, device=device), persistent=False)
+        # PG routing masses in float64: sums over many tokens of small probabilities
+        self.register_buffer(
+            "_used_mass", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_scaled_missed_mass", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
 
     # ---- configuration -------------------------------------------------------------------------
     @property
@@ -112,7 +127,9 @@ class UBSMoEBlock(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         top_k = self._top_k
         routing = route(
-            x, self.router_weight, top_k,
+            x,
+            self.router_weight,
+            top_k,
             phi=self.phi if self.config.dmr else None,
             num_candidates=self.num_candidates,
             normalize_gates=self.config.normalize_gates,
@@ -123,9 +140,13 @@ class UBSMoEBlock(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         token_of_row = order // top_k
         rows = swiglu_experts(
-            x[token_of_row], counts, self.gate_up_proj, self.down_proj,
+            x[token_of_row],
+            counts,
+            self.gate_up_proj,
+            self.down_proj,
             self.lora if self.lora.targets else None,
-            self.implementation_for(x.dtype), self.activation,
+            self.implementation_for(x.dtype),
+            self.activation,
         )
         rows = rows.to(x.dtype) * routing.gates.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token_of_row, rows)
@@ -171,7 +192,9 @@ class UBSMoEBlock(nn.Module):
             for parameter in self.lora.adapter_parameters():
                 if parameter.grad is not None:
                     parameter.grad.copy_(
-                        add_pseudo_gradient(parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
+                        add_pseudo_gradient(
+                            parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa
+                        )
                     )
         self._used_mass.zero_()
         self._scaled_missed_mass.zero_()

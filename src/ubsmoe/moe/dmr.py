@@ -24,7 +24,9 @@ def global_utilization(
     """u~_i = sum_c w_c * a_{c,i} / n_c: weighted per-token activation rate of each expert."""
     w = normalized_weights(weights)
     if not len(counts) == len(tokens) == len(w):
-        raise ValueError(f"need one count, token total and weight per client, got {len(counts)}, {len(tokens)}, {len(w)}")
+        raise ValueError(
+            f"need one count, token total and weight per client, got {len(counts)}, {len(tokens)}, {len(w)}"
+        )
     rates = []
     for a, n, wc in zip(counts, tokens, w, strict=True):
         n = torch.as_tensor(n, dtype=torch.float64)
