@@ -254,3 +254,13 @@ def test_bfloat16_weights_run_with_float32_adapters():
 
 def test_activation_default_is_silu():
     assert make_block().activation is F.silu
+
+
+def test_renormalised_gates_at_k1_still_train_phi():
+    block = make_block(normalize_gates=True, randomize_lora=True)
+    block.top_k = 1
+    x = torch.randn(8, 16, dtype=torch.float64)
+    out = block(x)
+    torch.testing.assert_close(out, reference_of(block, x))  # value: gate exactly 1
+    out.pow(2).sum().backward()
+    assert block.phi.grad.abs().sum() > 1e-6

@@ -58,7 +58,10 @@ def route(
     logits = modulated_logits(scores, phi, num_candidates or num_experts)
     probs = logits.softmax(dim=-1)
     top_probs, expert_index = probs.topk(top_k, dim=-1)
-    if normalize_gates:
+    if normalize_gates and top_k == 1:
+        # p / p is exactly 1 and would cut phi off from the loss; same value, straight-through gradient
+        unit_gates = True
+    elif normalize_gates:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
     gates = top_probs - top_probs.detach() + 1.0 if unit_gates else top_probs
     return Routing(expert_index, gates.to(hidden.dtype), probs.detach())
