@@ -119,7 +119,7 @@ class UBSMoEBlock(nn.Module):
         choice = self.config.implementation
         if choice != "auto":
             return choice
-        sizes = (self.hidden_size, self.intermediate_size, 2 * self.intermediate_size, max(self.config.lora_rank, 4))
+        sizes = (self.hidden_size, self.intermediate_size, *((self.config.lora_rank,) if self.lora.targets else ()))
         return "grouped_mm" if grouped_mm_supported(dtype, self.gate_up_proj.device, sizes) else "eager"
 
     # ---- forward -------------------------------------------------------------------------------
@@ -140,16 +140,16 @@ class UBSMoEBlock(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         token_of_row = order // top_k
         rows = swiglu_experts(
-            x[token_of_row],
+            x.index_select(0, token_of_row),  # backward is an index_add, unlike x[token_of_row]
             counts,
             self.gate_up_proj,
             self.down_proj,
             self.lora if self.lora.targets else None,
             self.implementation_for(x.dtype),
             self.activation,
+            row_scale=routing.gates.reshape(-1)[order],
         )
-        rows = rows.to(x.dtype) * routing.gates.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, rows)
+        out = torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype))
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

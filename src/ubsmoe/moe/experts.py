@@ -113,7 +113,8 @@ class ExpertLoRA(nn.Module):
         return list(linear(rows, stacked).split(self.rank, dim=-1))
 
     def project_b(self, hidden: torch.Tensor, target: str, linear: GroupedLinear) -> torch.Tensor:
-        return self.scaling * linear(hidden.contiguous(), self.lora_B[target])
+        # scale the narrow (rows, r) input, not the wide (rows, out) result
+        return linear((self.scaling * hidden).contiguous(), self.lora_B[target])
 
 
 def swiglu_experts(
@@ -124,23 +125,33 @@ def swiglu_experts(
     lora: ExpertLoRA | None,
     implementation: str,
     activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """down_i(act(gate_i x) * up_i x) (+ LoRA) for rows already sorted by expert."""
+    """row_scale * down_i(act(gate_i x) * up_i x) (+ LoRA) for rows already sorted by expert.
+
+    The scale (the routing gate of each row) is applied to the (rows, I) activations rather than
+    the (rows, H) outputs: the down projection and its LoRA are linear, and I is the smaller side.
+    The down LoRA is added in place: grouped_mm and cat do not keep their outputs for backward.
+    """
     linear = make_grouped_linear(counts, implementation)
-    gate, up = linear(rows, gate_up_proj).chunk(2, dim=-1)
+    gate_up = linear(rows, gate_up_proj)
+    half = gate_up.shape[-1] // 2
+    gate, up = gate_up[:, :half], gate_up[:, half:]
     if lora is not None:
         input_targets = tuple(t for t in ("gate", "up") if t in lora.targets)
         if input_targets:
             hidden = dict(zip(input_targets, lora.project_a(rows, input_targets, linear), strict=True))
             if "gate" in hidden:
-                gate = gate + lora.project_b(hidden["gate"], "gate", linear).to(gate.dtype)
+                gate = gate + lora.project_b(hidden["gate"], "gate", linear)
             if "up" in hidden:
-                up = up + lora.project_b(hidden["up"], "up", linear).to(up.dtype)
+                up = up + lora.project_b(hidden["up"], "up", linear)
     inner = activation(gate) * up
+    if row_scale is not None:
+        inner = inner * row_scale.unsqueeze(-1).to(inner.dtype)
     out = linear(inner, down_proj)
     if lora is not None and "down" in lora.targets:
         (hidden,) = lora.project_a(inner, ("down",), linear)
-        out = out + lora.project_b(hidden, "down", linear).to(out.dtype)
+        out.add_(lora.project_b(hidden, "down", linear))
     return out
 
 
