@@ -28,3 +28,61 @@ __all__ = [
     "supported_families",
     "tiny_config",
 ]
+
+from ubsmoe.models.state import (  # noqa: E402
+    AdapterStateError,
+    ExportError,
+    LoadResult,
+    export_merged,
+    load_trainable_state,
+    read_adapter_config,
+    save_trainable_state,
+    trainable_state,
+)
+
+__all__ += [
+    "AdapterStateError",
+    "ExportError",
+    "LoadResult",
+    "export_merged",
+    "load_trainable_state",
+    "read_adapter_config",
+    "save_trainable_state",
+    "trainable_state",
+]
+
+from ubsmoe.models.embedded import (  # noqa: E402
+    EmbeddedModelConversionError,
+    EmbeddedModelUnavailableError,
+    embedded_default_path,
+    load_embedded_default,
+)
+
+__all__ += [
+    "EmbeddedModelConversionError",
+    "EmbeddedModelUnavailableError",
+    "embedded_default_path",
+    "load_embedded_default",
+]
+
+from ubsmoe.models.moefication import (  # noqa: E402
+    DENSE_FAMILIES,
+    MoEficationConfig,
+    MoEfiedBlock,
+    load_moefied,
+    moefied_blocks,
+    moefy,
+    moefy_cached,
+    save_moefied,
+)
+
+__all__ += [
+    "DENSE_FAMILIES",
+    "MoEficationConfig",
+    "MoEfiedBlock",
+    "load_moefied",
+    "moefied_blocks",
+    "moefy",
+    "moefy_cached",
+    "save_moefied",
+]

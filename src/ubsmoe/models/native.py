@@ -196,7 +196,8 @@ def adapt_moe_model(
     with phi = 0 and zero LoRA-B the adapted model computes what the original did. The frozen
     tensors keep their identity but move in the module tree (`...mlp.experts.gate_up_proj` becomes
     `...mlp.gate_up_proj`), so `save_pretrained` of an adapted model is not a transformers
-    checkpoint: keep the base checkpoint and save the adapters (LoRA, phi) separately.
+    checkpoint: save the adapters with `ubsmoe.models.save_trainable_state`, or fold them into a
+    plain transformers checkpoint with `ubsmoe.models.export_merged`.
     """
     spec = family_spec(model)
     if moe_blocks(model):

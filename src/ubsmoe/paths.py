@@ -1,0 +1,37 @@
+"""Where ubsmoe keeps files it derives or downloads (converted models, BIG-bench task files).
+
+`cache_dir()` is, in order of precedence: `$UBSMOE_CACHE`, `$XDG_CACHE_HOME/ubsmoe`, `~/.cache/ubsmoe`.
+It is created on demand. Nothing under it is ever part of the repository; deleting it is always safe
+(its contents are rebuilt when next needed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "UBSMOE_CACHE"
+
+
+def cache_dir() -> Path:
+    """The user cache directory of ubsmoe, created if missing.
+
+    Raises OSError with the path in the message when it cannot be created (e.g. a read-only home:
+    set UBSMOE_CACHE to a writable directory).
+    """
+    override = os.environ.get(CACHE_ENV, "").strip()
+    if override:
+        path = Path(override).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+        # the XDG spec says relative values are invalid and must be ignored
+        base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+        path = base / "ubsmoe"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(
+            f"cannot create the ubsmoe cache directory {path} ({error.strerror or error}); "
+            f"set {CACHE_ENV} to a writable directory"
+        ) from error
+    return path
