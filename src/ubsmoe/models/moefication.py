@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.models.native import NATIVE_FAMILIES, ModelLoadError, UnsupportedModelError
+from ubsmoe.models.native import NATIVE_FAMILIES, ModelLoadError, UnsupportedModelError, require_transformers
 from ubsmoe.moe import SwiGLU, UBSMoEBlock, UBSMoEConfig, budget_to_top_k, experts_from_dense, route
 
 if TYPE_CHECKING:
@@ -1046,7 +1046,7 @@ def load_moefied(
     """
     from safetensors.torch import load_file
 
-    transformers = _require_transformers()
+    transformers = require_transformers()
     directory = Path(directory)
     description = _read_description(directory)
     try:
@@ -1146,14 +1146,6 @@ def _no_init() -> Any:
         return
     with no_init_weights():
         yield
-
-
-def _require_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ModelLoadError("MoEfied models need transformers 5.x: pip install 'ubsmoe[hf]'") from error
-    return transformers
 
 
 # ---- calibration cache -------------------------------------------------------------------------

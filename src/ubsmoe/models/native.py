@@ -167,12 +167,12 @@ def family_spec(model_or_config: Any) -> FamilySpec:
     return NATIVE_FAMILIES[model_type]
 
 
-def _require_transformers() -> Any:
+def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ModelLoadError(
-            "native MoE models need transformers 5.x: pip install 'ubsmoe[hf]' (or transformers>=5,<6)"
+            "ubsmoe's model support needs transformers 5.x: pip install 'ubsmoe[hf]' (or transformers>=5,<6)"
         ) from error
     return transformers
 
@@ -293,7 +293,7 @@ def _refuse_router_logits(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _disable_router_logits(model: nn.Module) -> None:
     """Turn off router-logit recording and make any request for it fail clearly (see module docstring)."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     configs = {id(m.config): m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel)}
     for hf_config in configs.values():
         if getattr(hf_config, "output_router_logits", False):
@@ -338,7 +338,7 @@ def load_moe_model(
     Errors: `ModelNotFoundError` for a missing local path, `UnsupportedModelError` for another
     architecture, `ModelLoadError` for anything else that prevents loading (all ValueErrors).
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     source = os.fspath(path_or_id)
     local = Path(source).expanduser()
     if local.exists():
@@ -356,7 +356,7 @@ def load_moe_model(
         except Exception as error:  # transformers raises OSError/ValueError/HTTP errors here
             raise ModelLoadError(
                 f"{source!r} is not a local directory and could not be fetched from the Hugging Face hub "
-                f"({_first_line(error)}). Download the model and pass its local path."
+                f"({first_line(error)}). Download the model and pass its local path."
             ) from error
         family_spec(hf_config)
         location = source
@@ -364,7 +364,7 @@ def load_moe_model(
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **from_pretrained_kwargs)
     except Exception as error:
-        raise ModelLoadError(f"could not load the model from {location}: {_first_line(error)}") from error
+        raise ModelLoadError(f"could not load the model from {location}: {first_line(error)}") from error
     return adapt_moe_model(model, config, normalize_gates=normalize_gates)
 
 
@@ -373,7 +373,7 @@ def _config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in keys}
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -385,7 +385,7 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     hidden 32, expert intermediate 16 (multiples of 4, as transformers' grouped_mm experts need),
     2 layers, 8 experts, top-2, vocab 128. Qwen2-MoE gets a shared expert of width 32.
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     if model_type not in NATIVE_FAMILIES:
         raise _unsupported(f"model_type {model_type!r}")
     common: dict[str, Any] = {
