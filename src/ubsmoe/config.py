@@ -1,0 +1,787 @@
+"""The experiment configuration: one typed, validated schema for the CLI, the simulation and Flower.
+
+An `ExperimentConfig` is read from a YAML (`.yaml`/`.yml`) or TOML (`.toml`) file, or built from the
+defaults alone (the embedded default experiment: SmolLM2-135M MoEfied into M = 8 experts, four budget
+tiers 0.25 / 0.5 / 0.75 / 1.0 with two clients each, eight BIG-bench tasks), and changed with
+`--set a.b=c` overrides whose values follow YAML's scalar rules (`federation.rounds=5`,
+`lora.targets=[gate,down]`, `moe.tiers=[{budget: 0.5, clients: 3}]`, `moe.num_candidates=null`).
+
+Every section forbids unknown keys, so a typo is an error. Invalid values raise `ConfigError`, whose
+message has one line per problem naming the dotted field, the offending value and what is allowed:
+
+    federation.fraction = 1.5: must be in (0, 1]
+    federation.roundz = 5: unknown key; did you mean 'rounds'? Valid keys of federation: ...
+
+Checks that need the loaded model (K_max of a native MoE, its expert count, the number of training
+examples) run later through `ExperimentConfig.check_against_model`, which raises the same kind of error.
+
+How `method` relates to the switches: the `dmr.enabled` / `pseudo_gradient.enabled` flags and
+`dmr.range_lambda` are the UB-SMoE settings; a method that is not UB-SMoE (or an ablation) switches
+the corresponding part off, whatever the flag says (`ubsmoe-no-dmr` -> DMR off, `ubsmoe-no-reg` ->
+range_lambda 0, `smoe-naive` -> DMR and PG off ...). `ExperimentConfig.ubsmoe_config()` applies this.
+
+This module imports neither torch nor transformers; the builders of the layer configs import them lazily.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import tomllib
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from ubsmoe.models.moefication import MoEficationConfig
+    from ubsmoe.moe.config import UBSMoEConfig
+
+__all__ = [
+    "ABLATION_METHODS",
+    "BASELINE_METHODS",
+    "METHODS",
+    "RANK_METHODS",
+    "ConfigError",
+    "ExperimentConfig",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
+
+# ---- vocabulary --------------------------------------------------------------------------------
+UBSMOE_METHOD = "ubsmoe"
+ABLATION_METHODS = ("ubsmoe-no-dmr", "ubsmoe-no-pg", "ubsmoe-no-reg")
+RANK_METHODS = ("fedit", "hetlora", "flexlora", "flora", "florist")
+"""Heterogeneous-LoRA-rank baselines (and FedIT): every client runs at K_max; rank tiers follow the budgets."""
+SMOE_METHODS = ("smoe-naive", "smoe-llb", "a3smoe")
+"""Sparse-MoE baselines: heterogeneous K_c, plain Top-K routing (no DMR, no PG)."""
+BASELINE_METHODS = RANK_METHODS + SMOE_METHODS
+METHODS = (UBSMOE_METHOD, *ABLATION_METHODS, *BASELINE_METHODS)
+
+MethodName = Literal[
+    "ubsmoe",
+    "ubsmoe-no-dmr",
+    "ubsmoe-no-pg",
+    "ubsmoe-no-reg",
+    "fedit",
+    "hetlora",
+    "flexlora",
+    "flora",
+    "florist",
+    "smoe-naive",
+    "smoe-llb",
+    "a3smoe",
+]
+ExpertTarget = Literal["gate", "up", "down"]  # = ubsmoe.moe.config.LORA_TARGETS (a test keeps them equal)
+RhoForm = Literal["complement", "inverse"]  # = ubsmoe.moe.config.RHO_FORMS
+Implementation = Literal["auto", "grouped_mm", "eager"]  # = ubsmoe.moe.config.IMPLEMENTATIONS
+
+EMBEDDED_MODEL = "embedded"
+DEFAULT_TASKS = (
+    "social_iqa",
+    "strategyqa",
+    "winowhy",
+    "sports_understanding",
+    "epistemic_reasoning",
+    "timedial",
+    "causal_judgment",
+    "navigate",
+)
+"""Placeholder list of BIG-bench multiple-choice tasks for the embedded default (to be chosen by measurement)."""
+
+
+# ---- errors ------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """An invalid configuration; the message has one line per problem: `field = value: what is allowed`."""
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Problems(ValueError):
+    """Raised inside validators: (path relative to the validated model, value, what is allowed) triples."""
+
+    def __init__(self, problems: Sequence[tuple[str, Any, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{p} = {_show(v)}: {m}" for p, v, m in self.problems))
+
+
+def _show(value: Any) -> str:
+    """A short, readable rendering of an offending value."""
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    else:
+        try:
+            text = json.dumps(value, default=str)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _join(loc: Iterable[Any]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+# ---- sections ----------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEficationSection(_Section):
+    """MoEfication options of a dense model (mirrors `ubsmoe.models.moefication.MoEficationConfig`)."""
+
+    num_experts: int = Field(8, ge=2, description="M routed experts per layer (K_max = M)")
+    shared_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    grouping: Literal["coactivation", "gate_kmeans", "contiguous"] = "coactivation"
+    router: Literal["ridge", "centroid"] = "ridge"
+    ridge_lambda: float = Field(0.1, ge=0.0)
+    router_logit_std: float | None = Field(1.0, gt=0.0)
+    calibration_tokens: int = Field(32768, ge=1)
+    kmeans_iterations: int = Field(30, ge=1)
+    seed: int = 0
+    recovery: bool = False
+    recovery_tokens: int = Field(8192, ge=1)
+    recovery_steps: int = Field(200, ge=1)
+    recovery_batch_size: int = Field(256, ge=1)
+    recovery_lr: float = Field(1e-4, gt=0.0)
+    recovery_top_ks: list[int] | None = None
+    recovery_train_shared: bool = True
+
+    @model_validator(mode="after")
+    def _top_ks(self) -> MoEficationSection:
+        ks = self.recovery_top_ks
+        if ks is not None and (not ks or not all(1 <= k <= self.num_experts for k in ks)):
+            raise _Problems(
+                [
+                    (
+                        "recovery_top_ks",
+                        ks,
+                        f"must be a non-empty list of integers in [1, {self.num_experts}] (num_experts)",
+                    )
+                ]
+            )
+        return self
+
+
+class ModelSection(_Section):
+    name: str = Field(EMBEDDED_MODEL, min_length=1, description="'embedded' or a local path (or hub id)")
+    kind: Literal["native", "dense"] | None = Field(
+        None, description="native MoE, or dense (MoEfied); None = inferred when the model is loaded"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    moefication: MoEficationSection = Field(default_factory=MoEficationSection)
+
+    @model_validator(mode="after")
+    def _embedded_kind(self) -> ModelSection:
+        if self.name == EMBEDDED_MODEL and self.kind == "native":
+            raise _Problems([("kind", self.kind, "must be 'dense' or null for the embedded model (it is MoEfied)")])
+        return self
+
+    @property
+    def is_moefied(self) -> bool:
+        """Known to be a dense model turned into an MoE (so K_max = moefication.num_experts)."""
+        return self.name == EMBEDDED_MODEL or self.kind == "dense"
+
+
+class Tier(_Section):
+    budget: float = Field(gt=0.0, le=1.0, description="compute budget beta in (0, 1]")
+    clients: int = Field(ge=1, description="number of clients with this budget")
+
+
+def _default_tiers() -> list[Tier]:
+    return [Tier(budget=b, clients=2) for b in (0.25, 0.5, 0.75, 1.0)]
+
+
+class MoESection(_Section):
+    num_candidates: int | None = Field(None, ge=1, description="N_p; null = 2 * K_max clipped to M")
+    normalize_gates: bool | None = Field(None, description="null = the model family's convention")
+    router_trainable: bool = False
+    implementation: Implementation = "auto"
+    tiers: list[Tier] = Field(default_factory=_default_tiers)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, tiers: list[Tier]) -> list[Tier]:
+        if not tiers:
+            raise ValueError("must list at least one tier {budget, clients}")
+        budgets = [t.budget for t in tiers]
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"budgets {budgets} must be distinct (merge tiers by adding up their clients)")
+        return tiers
+
+
+class DMRSection(_Section):
+    enabled: bool = True
+    zeta: float = Field(0.9, ge=0.0, le=1.0, description="server momentum of phi")
+    eps: float = Field(1e-6, gt=0.0)
+    phi_min: float = -1.0
+    phi_max: float = 1.0
+    range_lambda: float = Field(1e-2, ge=0.0, description="weight of the range regulariser")
+
+    @model_validator(mode="after")
+    def _range(self) -> DMRSection:
+        problems = [(n, getattr(self, n), "must be a finite number") for n in ("phi_min", "phi_max")]
+        problems = [p for p in problems if not math.isfinite(p[1])]
+        if not problems and not self.phi_min < self.phi_max:
+            problems = [("phi_min", self.phi_min, f"must be < dmr.phi_max ({self.phi_max})")]
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class PseudoGradientSection(_Section):
+    enabled: bool = True
+    kappa: float = Field(1.0, ge=0.0)
+    rho_form: RhoForm = "complement"
+
+
+class LoRASection(_Section):
+    rank: int = Field(8, ge=1, description="uniform expert rank (r_max of the rank baselines)")
+    alpha: float = Field(16.0, gt=0.0)
+    targets: list[ExpertTarget] = Field(default_factory=lambda: ["gate", "up", "down"])
+    attention: bool = False
+    attention_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    @field_validator("targets", "attention_targets")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if not names or len(set(names)) != len(names):
+            raise ValueError("must be a non-empty list of distinct names")
+        return names
+
+
+class DataSection(_Section):
+    source: Literal["bigbench", "commonsense"] = "bigbench"
+    path: str | None = Field(None, description="folder of the LLM-Adapters files (source 'commonsense')")
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS))
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    seed: int = Field(0, description="seeds the split and the partition, separately from the model seed")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each task held out for evaluation")
+    max_train_examples_per_task: int | None = Field(None, ge=1, description="null = all")
+    max_length: int = Field(256, ge=8, description="tokens per training example (longer ones are truncated)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: list[str]) -> list[str]:
+        if not tasks or len(set(tasks)) != len(tasks) or not all(t.strip() for t in tasks):
+            raise ValueError("must be a non-empty list of distinct task names")
+        return tasks
+
+    @model_validator(mode="after")
+    def _path(self) -> DataSection:
+        if self.source == "commonsense" and not self.path:
+            raise _Problems([("path", self.path, "is required when data.source is 'commonsense'")])
+        return self
+
+
+class OptimizerSection(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
+    min_lr: float = Field(1e-6, ge=0.0, description="learning rate of the last round (cosine schedule)")
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="per-round cosine from lr to min_lr over the rounds (FlowerTune), or constant"
+    )
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm; null = no clipping")
+
+    @model_validator(mode="after")
+    def _lrs(self) -> OptimizerSection:
+        if self.min_lr > self.lr:
+            raise _Problems([("min_lr", self.min_lr, f"must be <= federation.optimizer.lr ({self.lr})")])
+        return self
+
+
+class FederationSection(_Section):
+    clients: int | None = Field(None, ge=1, description="null = the clients of moe.tiers; if set, must match")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+
+
+class BaselinesSection(_Section):
+    """Hyper-parameters used only by baselines (placeholders until tuned)."""
+
+    load_balance_coef: float = Field(0.01, ge=0.0, description="SMoE-LLB: weight of the Switch load-balancing loss")
+    hetlora_penalty: float = Field(1e-3, ge=0.0, description="HetLoRA: weight of the rank self-pruning penalty")
+    florist_energy: float = Field(0.9, gt=0.0, le=1.0, description="FLoRIST: singular-value energy threshold tau")
+    a3smoe_exponent: float = Field(1.0, ge=0.0, description="A3SMoE: exponent t of the activation frequency")
+
+
+class EvaluationSection(_Section):
+    protocol: Literal["loglik", "generate"] = "loglik"
+    examples_per_task: int | None = Field(100, ge=1, description="held-out examples per task; null = all")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="protocol 'generate' only")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="level of the reported confidence intervals")
+
+
+class OutputSection(_Section):
+    dir: str = Field("runs/default", min_length=1)
+    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = none")
+    plots: bool = True
+
+
+# ---- the experiment ----------------------------------------------------------------------------
+class ExperimentConfig(_Section):
+    """Everything one run needs. Defaults describe the embedded default experiment."""
+
+    method: MethodName = UBSMOE_METHOD
+    seed: int = Field(0, description="seeds the model's trainable parts, client sampling and training")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    model: ModelSection = Field(default_factory=ModelSection)
+    moe: MoESection = Field(default_factory=MoESection)
+    dmr: DMRSection = Field(default_factory=DMRSection)
+    pseudo_gradient: PseudoGradientSection = Field(default_factory=PseudoGradientSection)
+    lora: LoRASection = Field(default_factory=LoRASection)
+    data: DataSection = Field(default_factory=DataSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    baselines: BaselinesSection = Field(default_factory=BaselinesSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        problems: list[tuple[str, Any, str]] = []
+        n_clients = self.num_clients
+        if self.federation.clients is not None and self.federation.clients != n_clients:
+            problems.append(
+                ("federation.clients", self.federation.clients, f"must equal the clients of moe.tiers ({n_clients})")
+            )
+        if self.model.is_moefied:
+            k_max = self.model.moefication.num_experts
+            problems += self._candidate_problems(k_max, k_max, "model.moefication.num_experts")
+        cap = self.data.max_train_examples_per_task
+        if cap is not None and cap * len(self.data.tasks) < n_clients:
+            problems.append(
+                (
+                    "data.max_train_examples_per_task",
+                    cap,
+                    f"gives at most {cap * len(self.data.tasks)} training examples, fewer than the {n_clients} "
+                    "clients of moe.tiers; every client needs at least one",
+                )
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def _candidate_problems(self, k_max: int, num_experts: int, origin: str) -> list[tuple[str, Any, str]]:
+        n_p = self.moe.num_candidates
+        if n_p is None or k_max <= n_p <= num_experts:
+            return []
+        return [
+            (
+                "moe.num_candidates",
+                n_p,
+                f"must be in [K_max, M] = [{k_max}, {num_experts}] ({origin}); null = 2 * K_max clipped to M",
+            )
+        ]
+
+    # -- derived values ---------------------------------------------------------------------------
+    @property
+    def num_clients(self) -> int:
+        return sum(t.clients for t in self.moe.tiers)
+
+    @property
+    def is_rank_method(self) -> bool:
+        """FedIT and the heterogeneous-rank baselines: every client at K_max, budgets set the LoRA rank."""
+        return self.method in RANK_METHODS
+
+    def client_budgets(self) -> list[float]:
+        """beta_c of every client, tiers expanded in order (client ids 0 .. num_clients - 1)."""
+        return [t.budget for t in self.moe.tiers for _ in range(t.clients)]
+
+    def client_tiers(self) -> list[int]:
+        """The tier index of every client."""
+        return [i for i, t in enumerate(self.moe.tiers) for _ in range(t.clients)]
+
+    def client_top_ks(self, k_max: int) -> list[int]:
+        """K_c of every client: max(1, floor(K_max * beta_c)); K_max for everyone under rank methods."""
+        if k_max < 1:
+            raise ConfigError(f"K_max = {k_max}: must be an integer >= 1")
+        if self.is_rank_method:
+            return [k_max] * self.num_clients
+        return [max(1, math.floor(k_max * b + 1e-9)) for b in self.client_budgets()]
+
+    def client_ranks(self) -> list[int]:
+        """LoRA rank of every client: max(1, round(rank * beta_c)) under HetLoRA/FlexLoRA/FLoRA/FLoRIST, else rank."""
+        if self.method in RANK_METHODS and self.method != "fedit":
+            return [max(1, round(self.lora.rank * b)) for b in self.client_budgets()]
+        return [self.lora.rank] * self.num_clients
+
+    @property
+    def dmr_active(self) -> bool:
+        return self.dmr.enabled and self.method in (UBSMOE_METHOD, "ubsmoe-no-pg", "ubsmoe-no-reg")
+
+    @property
+    def pseudo_gradient_active(self) -> bool:
+        return self.pseudo_gradient.enabled and self.method in (UBSMOE_METHOD, "ubsmoe-no-dmr", "ubsmoe-no-reg")
+
+    @property
+    def range_lambda(self) -> float:
+        return 0.0 if self.method == "ubsmoe-no-reg" or not self.dmr_active else self.dmr.range_lambda
+
+    def check_against_model(self, k_max: int, num_experts: int, num_examples: int | None = None) -> None:
+        """Checks that need the loaded model and data; raises ConfigError naming the field.
+
+        Args:
+            k_max: the model's native top-k (M for MoEfied models).
+            num_experts: M, the routed experts per layer.
+            num_examples: training examples available in total (None = not known yet).
+        """
+        problems = [f"{p} = {_show(v)}: {m}" for p, v, m in self._candidate_problems(k_max, num_experts, "the model")]
+        if not 1 <= k_max <= num_experts:
+            problems.append(f"model top-k = {k_max}: must be in [1, {num_experts}] (the model's experts)")
+        n = self.num_clients
+        if num_examples is not None and num_examples < n:
+            problems.append(
+                f"moe.tiers = {n} clients: more clients than training examples ({num_examples}); "
+                "use fewer clients or more data (data.tasks, data.max_train_examples_per_task)"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+    # -- conversions ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (for summary.json); `ExperimentConfig.from_dict` reads it back."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> ExperimentConfig:
+        """Validate a plain dict; ConfigError (one line per problem) instead of pydantic's ValidationError."""
+        if not isinstance(data, dict):
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}the configuration must be a mapping of sections, got {_show(data)}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(_problems_of(error, cls)) from None
+
+    def ubsmoe_config(self) -> UBSMoEConfig:
+        """The per-layer `ubsmoe.moe.UBSMoEConfig` (normalize_gates null -> False; the model loader applies
+        the family's convention, or `moe.normalize_gates` when set)."""
+        from ubsmoe.moe.config import UBSMoEConfig
+
+        return UBSMoEConfig(
+            lora_rank=self.lora.rank,
+            lora_alpha=float(self.lora.alpha),
+            lora_targets=tuple(self.lora.targets),
+            normalize_gates=bool(self.moe.normalize_gates),
+            router_trainable=self.moe.router_trainable,
+            dmr=self.dmr_active,
+            num_candidates=self.moe.num_candidates,
+            phi_min=self.dmr.phi_min,
+            phi_max=self.dmr.phi_max,
+            range_lambda=self.range_lambda,
+            pseudo_gradient=self.pseudo_gradient_active,
+            pg_kappa=self.pseudo_gradient.kappa,
+            pg_rho_form=self.pseudo_gradient.rho_form,
+            implementation=self.moe.implementation,
+        )
+
+    def moefication_config(self) -> MoEficationConfig:
+        from ubsmoe.models.moefication import MoEficationConfig
+
+        return MoEficationConfig.from_dict(self.model.moefication.model_dump())
+
+
+# ---- pydantic errors -> one line per problem ---------------------------------------------------
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes inside an annotation (X, list[X], X | None, Annotated[...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def _walk(root: type[BaseModel], loc: Sequence[Any]) -> tuple[type[BaseModel] | None, Any]:
+    """(the model class holding the last key of loc, that field's FieldInfo or None)."""
+    model: type[BaseModel] | None = root
+    info = None
+    keys = [part for part in loc if not isinstance(part, int)]
+    for i, part in enumerate(keys):
+        if model is None or part not in model.model_fields:
+            return model, None
+        info = model.model_fields[part]
+        if i == len(keys) - 1:
+            return model, info
+        inner = _models_in(info.annotation)
+        model = inner[0] if inner else None
+    return model, info
+
+
+def _num(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _section_model(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class of the section at loc (the root for an empty loc)."""
+    if not [part for part in loc if not isinstance(part, int)]:
+        return root
+    _, info = _walk(root, loc)
+    inner = _models_in(getattr(info, "annotation", None))
+    return inner[0] if inner else None
+
+
+def _bounds(info: Any) -> str | None:
+    """'in (0, 1]', '>= 1' ... from a field's numeric constraints, or None."""
+    lo = hi = None
+    for meta in getattr(info, "metadata", []):
+        if isinstance(meta, annotated_types.Gt):
+            lo = ("(", ">", meta.gt)
+        elif isinstance(meta, annotated_types.Ge):
+            lo = ("[", ">=", meta.ge)
+        elif isinstance(meta, annotated_types.Lt):
+            hi = (")", "<", meta.lt)
+        elif isinstance(meta, annotated_types.Le):
+            hi = ("]", "<=", meta.le)
+    if lo and hi:
+        return f"in {lo[0]}{_num(lo[2])}, {_num(hi[2])}{hi[0]}"
+    if lo or hi:
+        bound = lo or hi
+        return f"{bound[1]} {_num(bound[2])}"
+    return None
+
+
+def _is_int_field(info: Any) -> bool:
+    annotation = getattr(info, "annotation", None)
+    return annotation is int or int in typing.get_args(annotation)
+
+
+_TYPE_TEXT = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping (a section)",
+    "model_attributes_type": "must be a mapping (a section)",
+    "missing": "is required",
+}
+
+
+def _problems_of(error: ValidationError, root: type[BaseModel]) -> list[str]:
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        kind = item["type"]
+        value = item.get("input")
+        ctx = item.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, _Problems):
+            for path, bad, message in inner.problems:
+                lines.append(f"{_join((*loc, *path.split('.')))} = {_show(bad)}: {message}")
+            continue
+        field = _join(loc) or "config"
+        if kind == "extra_forbidden":
+            model = _section_model(root, loc[:-1])
+            valid = sorted(model.model_fields) if model is not None else []
+            section = _join(loc[:-1]) or "the configuration"
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            lines.append(f"{field} = {_show(value)}: unknown key; {hint}valid keys of {section}: {', '.join(valid)}")
+            continue
+        _, info = _walk(root, loc)
+        if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            bounds = _bounds(info)
+            if bounds is None:
+                allowed = item["msg"].replace("Input should be", "must be")
+            else:
+                allowed = ("must be an integer " if _is_int_field(info) else "must be ") + bounds
+            lines.append(f"{field} = {_show(value)}: {allowed}")
+        elif kind == "literal_error":
+            lines.append(f"{field} = {_show(value)}: must be one of {ctx.get('expected')}")
+        elif kind in _TYPE_TEXT:
+            text = _TYPE_TEXT[kind]
+            bounds = _bounds(info)
+            if bounds and kind != "missing":
+                text += f" {bounds}"
+            lines.append(f"{field}: {text}" if kind == "missing" else f"{field} = {_show(value)}: {text}")
+        elif kind == "string_pattern_mismatch":
+            lines.append(f"{field} = {_show(value)}: must match {ctx.get('pattern')}")
+        elif kind == "string_too_short":
+            lines.append(f"{field} = {_show(value)}: must not be empty")
+        else:
+            message = str(inner) if inner is not None else item["msg"]
+            message = message.removeprefix("Value error, ")
+            lines.append(f"{field} = {_show(value)}: {message}")
+    return lines or [str(error)]
+
+
+# ---- files and overrides -----------------------------------------------------------------------
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ConfigError("reading YAML needs PyYAML: pip install pyyaml") from error
+    return yaml
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error})") from None
+    if suffix in (".yaml", ".yml"):
+        yaml = _yaml()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        data = {} if data is None else data
+    elif suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    elif suffix == ".json":  # e.g. the config saved in a run's summary
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON: {error}") from None
+    else:
+        raise ConfigError(f"{path}: unknown config format {suffix or '(no suffix)'!r}; use .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the file must hold a mapping of sections (model, moe, ...), got {_show(data)}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], c) with c parsed by YAML's scalar rules ('5' -> 5, '[x, y]' -> list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. federation.rounds=5")
+    yaml = _yaml()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {problem}") from None
+    return [p.strip() for p in parts], value
+
+
+def _apply(data: dict[str, Any], text: str) -> None:
+    parts, value = parse_override(text)
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {text!r}: {here} must be an index below {len(node)}")
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict | list):
+            raise ConfigError(f"--set {text!r}: {here} = {_show(child)} is a value, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {text!r}: {last} must be an index below {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of mappings (lists and values of `extra` replace)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The defaults, updated by the file (YAML or TOML by suffix; JSON too), then by each `a.b=c` override in order.
+
+    Raises ConfigError (one line per problem) for unreadable or malformed files, bad overrides and invalid values.
+    """
+    data = ExperimentConfig().to_dict()
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        data = _merge(data, _read_file(path))
+    for text in overrides:
+        _apply(data, text)
+    if overrides:
+        source = f"{source or 'the defaults'} with --set overrides"
+    return ExperimentConfig.from_dict(data, source=source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_lines(data: dict[str, Any], prefix: str = "") -> list[str]:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines += ["", f"[{name}]", *_toml_lines(value, f"{name}.")]
+    return lines
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+    """Write the full configuration as YAML (.yaml/.yml), TOML (.toml; nulls omitted = defaults) or JSON."""
+    path = Path(path)
+    data = config.to_dict()
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        text = _yaml().safe_dump(data, sort_keys=False)
+    elif suffix == ".toml":
+        text = "\n".join(_toml_lines(data)).lstrip("\n") + "\n"
+    elif suffix == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        raise ConfigError(f"{path}: unknown config format {suffix or '(no suffix)'!r}; use .yaml, .yml, .toml or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

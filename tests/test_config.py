@@ -1,0 +1,278 @@
+import json
+import tomllib
+
+import pytest
+import yaml
+
+from ubsmoe.config import (
+    METHODS,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+
+def error_of(overrides=(), path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "pydantic" not in message.lower() and "validation error" not in message.lower()
+    return message
+
+
+# ---- defaults and round trips -------------------------------------------------------------------
+def test_defaults_describe_the_embedded_experiment():
+    config = load_config(None, [])
+    assert config == ExperimentConfig()
+    assert config.method == "ubsmoe" and config.model.name == "embedded"
+    assert config.model.moefication.num_experts == 8
+    assert config.client_budgets() == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    assert config.client_tiers() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert config.client_top_ks(8) == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert config.client_top_ks(64) == [16, 16, 32, 32, 48, 48, 64, 64]
+    assert config.num_clients == 8
+    assert config.data.source == "bigbench" and "social_iqa" in config.data.tasks and len(config.data.tasks) == 8
+    assert config.data.partition == "dirichlet" and config.data.dirichlet_alpha == 0.5
+    fed = config.federation
+    assert (fed.rounds, fed.fraction, fed.local_steps, fed.batch_size) == (3, 1.0, 10, 8)
+    assert (fed.optimizer.name, fed.optimizer.lr, fed.optimizer.schedule) == ("adamw", 2e-4, "cosine")
+    assert config.evaluation.protocol == "loglik"
+    assert config.output.dir == "runs/default"
+    json.dumps(config.to_dict())  # JSON-serialisable for summary.json
+
+
+def test_ubsmoe_config_matches_design_defaults():
+    from ubsmoe.moe.config import UBSMoEConfig
+
+    layer = ExperimentConfig().ubsmoe_config()
+    assert isinstance(layer, UBSMoEConfig)
+    assert layer.lora_rank == 8 and layer.lora_alpha == 16.0 and layer.lora_targets == ("gate", "up", "down")
+    assert layer.dmr and layer.pseudo_gradient and not layer.router_trainable
+    assert layer.num_candidates is None
+    assert layer.candidates_for(8, 8) == 8 and layer.candidates_for(8, 64) == 16  # 2 * K_max clipped to M
+    assert (layer.phi_min, layer.phi_max, layer.range_lambda) == (-1.0, 1.0, 1e-2)
+    assert (layer.pg_kappa, layer.pg_rho_form) == (1.0, "complement")
+    dmr = ExperimentConfig().dmr
+    assert (dmr.zeta, dmr.eps) == (0.9, 1e-6)
+
+
+def test_moefication_config_mirrors_the_dataclass():
+    from dataclasses import fields
+
+    from ubsmoe.models.moefication import MoEficationConfig
+
+    built = load_config(None, ["model.moefication.recovery_top_ks=[2, 4]"]).moefication_config()
+    assert isinstance(built, MoEficationConfig) and built.recovery_top_ks == (2, 4)
+    assert {f.name for f in fields(MoEficationConfig)} == set(type(ExperimentConfig().model.moefication).model_fields)
+    assert ExperimentConfig().moefication_config() == MoEficationConfig()
+
+
+def test_literals_match_the_layer_constants():
+    from ubsmoe.moe.config import IMPLEMENTATIONS, LORA_TARGETS, RHO_FORMS
+
+    for value in LORA_TARGETS:
+        load_config(None, [f"lora.targets=[{value}]"])
+    for value in RHO_FORMS:
+        load_config(None, [f"pseudo_gradient.rho_form={value}"])
+    for value in IMPLEMENTATIONS:
+        load_config(None, [f"moe.implementation={value}"])
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".toml", ".json"])
+def test_round_trip_through_files(tmp_path, suffix):
+    config = load_config(None, ["federation.rounds=7", "moe.tiers=[{budget: 0.5, clients: 3}]", "method=flora"])
+    path = save_config(config, tmp_path / f"config{suffix}")
+    assert load_config(path, []) == config
+    if suffix == ".json":
+        assert ExperimentConfig.from_dict(json.loads(path.read_text())) == config
+    assert ExperimentConfig.from_dict(config.to_dict()) == config
+
+
+def test_hand_written_yaml_and_toml(tmp_path):
+    (tmp_path / "a.yaml").write_text("federation:\n  rounds: 5\nmoe:\n  tiers:\n    - {budget: 0.5, clients: 4}\n")
+    (tmp_path / "a.toml").write_text(
+        'method = "smoe-naive"\n[federation]\nrounds = 5\n[[moe.tiers]]\nbudget = 0.5\nclients = 4\n'
+    )
+    a = load_config(tmp_path / "a.yaml", [])
+    b = load_config(tmp_path / "a.toml", [])
+    assert a.federation.rounds == b.federation.rounds == 5
+    assert a.client_budgets() == b.client_budgets() == [0.5] * 4
+    assert a.federation.batch_size == 8  # untouched keys keep their defaults
+    assert b.method == "smoe-naive"
+    assert tomllib.loads((save_config(b, tmp_path / "b.toml")).read_text())["method"] == "smoe-naive"
+
+
+def test_empty_yaml_file_is_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml", []) == ExperimentConfig()
+
+
+# ---- overrides ----------------------------------------------------------------------------------
+def test_overrides_of_scalars_lists_and_tiers(tmp_path):
+    (tmp_path / "c.yaml").write_text("federation:\n  rounds: 5\n")
+    config = load_config(
+        tmp_path / "c.yaml",
+        [
+            "federation.rounds=9",
+            "federation.optimizer.lr=1e-3",
+            "dmr.enabled=false",
+            "lora.targets=[gate,down]",
+            "moe.tiers=[{budget: 0.5, clients: 3}, {budget: 1, clients: 1}]",
+            "moe.tiers.1.clients=2",
+            "moe.num_candidates=8",
+            "data.tasks=[social_iqa, winowhy]",
+            "output.dir=runs/x",
+        ],
+    )
+    assert config.federation.rounds == 9  # the override wins over the file
+    assert config.federation.optimizer.lr == 1e-3
+    assert config.dmr.enabled is False and config.ubsmoe_config().dmr is False
+    assert config.lora.targets == ["gate", "down"]
+    assert config.client_budgets() == [0.5, 0.5, 0.5, 1.0, 1.0]
+    assert config.moe.num_candidates == 8
+    assert config.data.tasks == ["social_iqa", "winowhy"]
+    assert config.output.dir == "runs/x"
+    assert load_config(None, ["moe.num_candidates=8", "moe.num_candidates=null"]).moe.num_candidates is None
+
+
+def test_parse_override():
+    assert parse_override("a.b=5") == (["a", "b"], 5)
+    assert parse_override("a=x=y") == (["a"], "x=y")
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    for bad in ["noequals", "=5", "a..b=1"]:
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_override(bad)
+    assert "seed = 0 is a value" in error_of(["seed.x=1"])
+    assert "index below 4" in error_of(["moe.tiers.7.clients=1"])
+
+
+# ---- methods ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "dmr", "pg", "range_lambda"),
+    [
+        ("ubsmoe", True, True, 1e-2),
+        ("ubsmoe-no-dmr", False, True, 0.0),
+        ("ubsmoe-no-pg", True, False, 1e-2),
+        ("ubsmoe-no-reg", True, True, 0.0),
+        ("smoe-naive", False, False, 0.0),
+        ("smoe-llb", False, False, 0.0),
+        ("a3smoe", False, False, 0.0),
+        ("fedit", False, False, 0.0),
+        ("hetlora", False, False, 0.0),
+    ],
+)
+def test_methods_map_to_layer_switches(method, dmr, pg, range_lambda):
+    layer = load_config(None, [f"method={method}"]).ubsmoe_config()
+    assert (layer.dmr, layer.pseudo_gradient, layer.range_lambda) == (dmr, pg, range_lambda)
+
+
+def test_every_method_is_accepted_and_rank_methods_set_ranks():
+    for method in METHODS:
+        load_config(None, [f"method={method}"])
+    config = load_config(None, ["method=flexlora", "lora.rank=16"])
+    assert config.client_ranks() == [4, 4, 8, 8, 12, 12, 16, 16]
+    assert config.client_top_ks(8) == [8] * 8  # rank baselines run every client at K_max
+    assert load_config(None, ["method=fedit"]).client_ranks() == [8] * 8
+    assert ExperimentConfig().client_ranks() == [8] * 8
+
+
+# ---- invalid values: one clear line naming field, value and what is allowed ------------------------
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["moe.tiers=[{budget: 1.5, clients: 2}]"], "moe.tiers[0].budget = 1.5: must be in (0, 1]"),
+        (["moe.tiers=[{budget: 0, clients: 2}]"], "moe.tiers[0].budget = 0: must be in (0, 1]"),
+        (["federation.fraction=0"], "federation.fraction = 0: must be in (0, 1]"),
+        (["federation.fraction=1.5"], "federation.fraction = 1.5: must be in (0, 1]"),
+        (["dmr.phi_min=1", "dmr.phi_max=-1"], "dmr.phi_min = 1.0: must be < dmr.phi_max (-1.0)"),
+        (["federation.rounds=0"], "federation.rounds = 0: must be an integer >= 1"),
+        (["federation.rounds=five"], "federation.rounds = 'five': must be an integer >= 1"),
+        (["lora.rank=-1"], "lora.rank = -1: must be an integer >= 1"),
+        (["dmr.zeta=2"], "dmr.zeta = 2: must be in [0, 1]"),
+        (["moe.num_candidates=4"], "moe.num_candidates = 4: must be in [K_max, M] = [8, 8]"),
+        (["federation.clients=5"], "federation.clients = 5: must equal the clients of moe.tiers (8)"),
+        (["moe.tiers=[]"], "moe.tiers = []: must list at least one tier"),
+        (
+            ["moe.tiers=[{budget: 0.5, clients: 1}, {budget: 0.5, clients: 2}]"],
+            'moe.tiers = [{"budget": 0.5, "clients": 1}, {"budget": 0.5, "clients": 2}]: budgets [0.5, 0.5] must be distinct',
+        ),
+        (["data.source=commonsense"], "data.path = null: is required when data.source is 'commonsense'"),
+        (["data.partition=random"], "data.partition = 'random': must be one of 'iid' or 'dirichlet'"),
+        (["data.max_train_examples_per_task=0"], "data.max_train_examples_per_task = 0: must be an integer >= 1"),
+        (["model.moefication={}", "model=3"], "model = 3: must be a mapping"),
+    ],
+)
+def test_invalid_values_give_one_clear_line(overrides, expected):
+    message = error_of(overrides)
+    assert message == expected or message.startswith(expected), message
+    assert len(message.splitlines()) == 1
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    message = error_of(["federation.roundz=5"])
+    assert message.startswith("federation.roundz = 5: unknown key; did you mean 'rounds'?")
+    for key in ("rounds", "fraction", "local_steps", "batch_size", "optimizer"):
+        assert key in message
+    assert "fedaration = " in error_of(["fedaration.rounds=3"])
+
+
+def test_unknown_method_lists_the_methods():
+    message = error_of(["method=ubsmoe-fast"])
+    assert message.startswith("method = 'ubsmoe-fast': must be one of")
+    for method in METHODS:
+        assert f"'{method}'" in message
+
+
+def test_several_problems_give_one_line_each():
+    message = error_of(["federation.fraction=2", "lora.targets=[gate, qq]", "seed=x"])
+    lines = message.splitlines()
+    assert len(lines) == 3
+    assert any(line.startswith("lora.targets[1] = 'qq': must be one of 'gate', 'up' or 'down'") for line in lines)
+    assert any(line.startswith("seed = 'x': must be an integer") for line in lines)
+
+
+def test_check_against_model():
+    config = load_config(None, ["model.name=/models/olmoe", "moe.num_candidates=4"])  # not known before loading
+    with pytest.raises(ConfigError) as info:
+        config.check_against_model(k_max=8, num_experts=64, num_examples=None)
+    assert str(info.value) == (
+        "moe.num_candidates = 4: must be in [K_max, M] = [8, 64] (the model); null = 2 * K_max clipped to M"
+    )
+    load_config(None, ["model.name=/models/olmoe", "moe.num_candidates=16"]).check_against_model(8, 64, 100)
+    with pytest.raises(ConfigError, match=r"moe.tiers = 8 clients: more clients than training examples \(5\)"):
+        ExperimentConfig().check_against_model(k_max=8, num_experts=8, num_examples=5)
+    ExperimentConfig().check_against_model(k_max=8, num_experts=8, num_examples=8)
+
+
+def test_static_client_count_check():
+    message = error_of(["data.tasks=[social_iqa]", "data.max_train_examples_per_task=3"])
+    assert message.startswith("data.max_train_examples_per_task = 3: gives at most 3 training examples")
+
+
+# ---- files --------------------------------------------------------------------------------------
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("federation:\n  rounds: [1, 2\nmoe: {}\n")
+    message = error_of(path=path)
+    assert str(path) in message and "not valid YAML" in message and "line" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_malformed_toml_and_other_file_errors(tmp_path):
+    (tmp_path / "broken.toml").write_text("[federation\nrounds = 1\n")
+    assert "broken.toml: not valid TOML" in error_of(path=tmp_path / "broken.toml")
+    assert "config file not found" in error_of(path=tmp_path / "missing.yaml")
+    (tmp_path / "c.ini").write_text("x")
+    assert "unknown config format '.ini'" in error_of(path=tmp_path / "c.ini")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert "must hold a mapping" in error_of(path=tmp_path / "list.yaml")
+
+
+def test_errors_from_a_file_name_the_dotted_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"federation": {"fraction": 1.5}, "lora": {"alpha": 0}}))
+    lines = error_of(path=path).splitlines()
+    assert "federation.fraction = 1.5: must be in (0, 1]" in lines
+    assert "lora.alpha = 0: must be > 0" in lines
