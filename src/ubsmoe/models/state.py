@@ -109,7 +109,7 @@ def _blocks(model: nn.Module) -> list[tuple[str, UBSMoEBlock]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, UBSMoEBlock)]
 
 
-def _trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every block's expert LoRA and phi, then everything else with requires_grad, in module order."""
     block_owned: set[int] = set()
     for _, block in _blocks(model):
@@ -123,7 +123,7 @@ def _trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the trainable state, keyed by module path (see the module docstring)."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in _trainable_parameters(model).items()}
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model).items()}
 
 
 def _block_summary(model: nn.Module) -> dict[str, Any]:
@@ -248,7 +248,7 @@ def load_trainable_state(model: nn.Module, directory: str | os.PathLike[str], st
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise AdapterStateError(f"cannot read {path}: {error}") from error
 
-    parameters = _trainable_parameters(model)
+    parameters = trainable_parameters(model)
     missing = [k for k in parameters if k not in tensors]
     unexpected = [k for k in tensors if k not in parameters]
     if strict and missing:
