@@ -53,7 +53,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,6 +63,7 @@ from torch import nn
 
 from ubsmoe.models.native import NATIVE_FAMILIES, ModelLoadError, UnsupportedModelError, require_transformers
 from ubsmoe.moe import SwiGLU, UBSMoEBlock, UBSMoEConfig, budget_to_top_k, experts_from_dense, route
+from ubsmoe.moe.config import dataclass_from_dict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -182,13 +183,7 @@ class MoEficationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MoEficationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown MoEficationConfig fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 # ---- the MoEfied block -------------------------------------------------------------------------

@@ -8,12 +8,14 @@ open ([C] there) is a field here so that it can be changed and ablated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 LORA_TARGETS = ("gate", "up", "down")
 RHO_FORMS = ("complement", "inverse")
 IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
+T = TypeVar("T")
 
 
 def budget_to_top_k(budget: float, native_top_k: int) -> int:
@@ -101,9 +103,14 @@ class UBSMoEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UBSMoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown UBSMoEConfig fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> UBSMoEConfig:
+        return dataclass_from_dict(cls, data)
+
+
+def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build a config dataclass from a dict, naming unknown fields in one error (not a TypeError)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
