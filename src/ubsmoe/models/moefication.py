@@ -258,21 +258,18 @@ class MoEfiedBlock(UBSMoEBlock):
         self._record_dense(x)
         return out.view_as(hidden_states)
 
-    @torch.no_grad()
     def _record_dense(self, x: torch.Tensor) -> None:
-        tokens = x.shape[0]
-        if self.track_utilization:
-            self.expert_counts += tokens
-            self.token_count += tokens
+        probs = None
         if self.training and self.config.pseudo_gradient and self.lora.targets:
-            routing = route(
-                x,
-                self.router_weight,
-                self.num_experts,
-                phi=self.phi if self.config.dmr else None,
-                num_candidates=self.num_candidates,
-            )
-            self._used_mass += routing.probs.to(self._used_mass.dtype).sum(0)  # missed mass is zero
+            with torch.no_grad():
+                probs = route(
+                    x,
+                    self.router_weight,
+                    self.num_experts,
+                    phi=self.phi if self.config.dmr else None,
+                    num_candidates=self.num_candidates,
+                ).probs
+        self.record_all_selected(x.shape[0], probs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared={len(self.shared_neurons)}, dense_at_full_k={self.dense_at_full_k}"

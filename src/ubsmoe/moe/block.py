@@ -173,6 +173,19 @@ class UBSMoEBlock(nn.Module):
             self._used_mass += used
             self._scaled_missed_mass += rho * missed
 
+    @torch.no_grad()
+    def record_all_selected(self, tokens: int, probs: torch.Tensor | None = None) -> None:
+        """Statistics of a forward in which every expert was active for every token (no missed mass).
+
+        For subclasses with a dense path at K = M; `probs` (T, M) are the routing probabilities, needed
+        only for PG's used mass in training.
+        """
+        if self.track_utilization:
+            self.expert_counts += tokens
+            self.token_count += tokens
+        if probs is not None and self.training and self.config.pseudo_gradient and self.lora.targets:
+            self._used_mass += probs.to(self._used_mass.dtype).sum(0)
+
     # ---- training hooks ------------------------------------------------------------------------
     def range_loss(self) -> torch.Tensor:
         """DMR range regulariser on phi (zero when DMR is off or phi is inside its range)."""
