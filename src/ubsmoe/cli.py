@@ -43,7 +43,7 @@ def demo(
 
         def new_bar(total: int):
             task = progress.add_task(f"training {next(names)}", total=total)
-            return lambda: progress.advance(task)
+            return lambda steps: progress.advance(task, steps)
 
         summary = run_demo(settings, out, new_bar)
     _print_demo(summary)

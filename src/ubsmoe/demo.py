@@ -4,8 +4,8 @@ One sparse MoE layer with OLMoE's proportions (64 experts, native top-8) scaled 
 laptop CPU in about a minute, and a deliberately skewed router. Four clients, one per budget tier
 (beta = 0.25 / 0.5 / 0.75 / 1.0, so K = 2 / 4 / 6 / 8), each with its own input distribution, learn
 per-expert LoRA adapters (and phi) that make the layer match a teacher: the same frozen experts with
-a hidden LoRA update, at the full top-8. Every round the server averages the adapters (FedAvg) and
-updates phi with DMR. The same federation runs twice: UB-SMoE (DMR + range regulariser + PG) and
+a hidden LoRA update, mixing all experts (K = M). Clients train with `ubsmoe.fl.client_update` and the
+server aggregates with `ubsmoe.fl.aggregate_round` (FedAvg, DMR), the same code as the simulation. The same federation runs twice: UB-SMoE (DMR + range regulariser + PG) and
 SMoE-naive (plain Top-K, neither mechanism), and the demo reports, per tier and method, the held-out
 loss relative to the untrained layer, the measured training FLOPs per token, and expert balance.
 
@@ -20,20 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.fl.aggregation import fedavg
-from ubsmoe.moe import (
-    UBSMoEBlock,
-    UBSMoEConfig,
-    budget_to_top_k,
-    dead_experts,
-    dmr_update,
-    global_utilization,
-    utilization_cv,
-)
+from ubsmoe.fl import ClientSettings, aggregate_round, client_update, global_state_from_model, load_global_state
+from ubsmoe.moe import UBSMoEBlock, UBSMoEConfig, budget_to_top_k
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,7 @@ def _loss(block: UBSMoEBlock, fed: Federation, x: torch.Tensor, top_k: int) -> f
     block.top_k = top_k
     block.eval()
     with torch.no_grad():
-        return torch.nn.functional.mse_loss(block(x), _targets(fed, x)).item()
+        return F.mse_loss(block(x), _targets(fed, x)).item()
 
 
 def training_flops_per_token(block: UBSMoEBlock, x: torch.Tensor, top_k: int) -> float:
@@ -115,61 +110,59 @@ def training_flops_per_token(block: UBSMoEBlock, x: torch.Tensor, top_k: int) ->
     return counter.get_total_flops() / x.shape[0]
 
 
+class _RegressionTask(nn.Module):
+    """The block as a model the federated client step trains: `model(input_ids=x, labels=y).loss` is the MSE.
+
+    (`input_ids` carries the layer's float inputs; the client step reads it only for the batch size.)
+    """
+
+    def __init__(self, block: UBSMoEBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=F.mse_loss(self.block(input_ids), labels))
+
+
 def run_method(
-    fed: Federation, s: DemoSettings, config: UBSMoEConfig, on_step: Callable[[], None] | None = None
+    fed: Federation, s: DemoSettings, config: UBSMoEConfig, on_steps: Callable[[int], None] | None = None
 ) -> dict:
-    """Federated rounds for one method; returns per-round metrics."""
+    """Federated rounds for one method through the shared client and server code; per-round metrics."""
     block = UBSMoEBlock(fed.base.gate_up_proj, fed.base.down_proj, fed.base.router_weight, s.native_top_k, config)
     block.lora.load_state_dict(fed.base.lora.state_dict())  # identical start for every method
-    global_state = {k: v.clone() for k, v in block.lora.state_dict().items()}
-    phi = torch.zeros(s.experts)
+    model = _RegressionTask(block)
+    state = global_state_from_model(model)
+    settings = ClientSettings(
+        lr=s.lr, min_lr=s.lr, grad_clip=None, local_steps=s.local_steps, total_rounds=s.rounds, schedule="constant"
+    )
+    client_batches = [
+        [{"input_ids": x, "labels": _targets(fed, x)} for x in x_train.split(s.batch)] for x_train in fed.train
+    ]
     initial = [_loss(block, fed, x, k) for x, k in zip(fed.test, fed.top_ks, strict=True)]
     history = []
     for _ in range(s.rounds):
-        states, phis, counts, tokens = [], [], [], []
-        for x_train, top_k in zip(fed.train, fed.top_ks, strict=True):
-            block.lora.load_state_dict(global_state)
-            with torch.no_grad():
-                block.phi.copy_(phi)
-            block.top_k = top_k
-            block.train()
-            block.reset_utilization()
-            params = [p for p in block.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-            for x in x_train.split(s.batch):
-                loss = torch.nn.functional.mse_loss(block(x), _targets(fed, x)) + block.range_loss()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                block.apply_pseudo_gradient()
-                optimizer.step()
-                if on_step:
-                    on_step()
-            states.append({k: v.detach().clone() for k, v in block.lora.state_dict().items()})
-            phis.append(block.phi.detach().clone())
-            stats = block.utilization()
-            counts.append(stats["counts"])
-            tokens.append(stats["tokens"])
-        weights = [len(x) for x in fed.train]
-        global_state = fedavg(states, weights)
-        phi = dmr_update(phis, counts, tokens, fed.top_ks, weights) if config.dmr else torch.zeros(s.experts)
-        block.lora.load_state_dict(global_state)
-        with torch.no_grad():
-            block.phi.copy_(phi)
-        usage = global_utilization(counts, tokens, weights)
+        updates = []
+        for client, (batches, top_k) in enumerate(zip(client_batches, fed.top_ks, strict=True)):
+            updates.append(client_update(model, state, batches, top_k, settings, client))
+            if on_steps:
+                on_steps(s.local_steps)
+        state, report = aggregate_round(state, updates, dmr=config.dmr)
+        load_global_state(model, state)
         relative = [_loss(block, fed, x, k) / l0 for x, k, l0 in zip(fed.test, fed.top_ks, initial, strict=True)]
+        (layer,) = report["utilization"]
         history.append(
             {
                 "relative_test_loss": relative,
-                "utilization_cv": utilization_cv(usage).item(),
-                "dead_experts": int(dead_experts(sum(counts)).item()),
-                "phi_min": phi.min().item(),
-                "phi_max": phi.max().item(),
+                "utilization_cv": layer["cv"],
+                "dead_experts": layer["dead_experts"],
+                "phi_min": state.phi.min().item(),
+                "phi_max": state.phi.max().item(),
             }
         )
     return {"initial_test_loss": initial, "rounds": history}
 
 
-def run_demo(s: DemoSettings, out: Path | None = None, progress: Callable[[int], Callable[[], None]] | None = None):
+def run_demo(s: DemoSettings, out: Path | None = None, progress: Callable[[int], Callable[[int], None]] | None = None):
     """Run both methods; return (and optionally write) the summary dict."""
     torch.manual_seed(s.seed)
     fed = build_federation(s)
