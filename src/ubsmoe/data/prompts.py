@@ -28,12 +28,18 @@ def prompt_text(example: MultipleChoice) -> str:
     return example.prompt
 
 
+def choice_text(choice: str) -> str:
+    """How a choice follows the prompt, in training and in `loglik` scoring alike: a space, then the text."""
+    return " " + choice.strip()
+
+
 def answer_text(example: MultipleChoice) -> str:
-    """The target text (without EOS): a space, then the correct choice."""
-    return " " + example.choices[example.answer].strip()
+    """The target text (without EOS): the correct choice."""
+    return choice_text(example.choices[example.answer])
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (prompt and answer are encoded separately)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -47,7 +53,7 @@ def encode_for_training(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    answer = _encode(tokenizer, answer_text(example))
+    answer = encode_text(tokenizer, answer_text(example))
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is not None:
         answer.append(int(eos))
@@ -58,7 +64,7 @@ def encode_for_training(
             f"the answer alone is {len(answer)} tokens, longer than max_length={max_length} "
             f"(task {example.task!r}); raise max_length"
         )
-    prompt = _encode(tokenizer, prompt_text(example))
+    prompt = encode_text(tokenizer, prompt_text(example))
     room = max_length - len(answer)
     prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}

@@ -15,26 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from ubsmoe.data.multiple_choice import MultipleChoice
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+from ubsmoe.data.prompts import choice_text, collate, encode_text, pad_token_id
 
 
 @torch.no_grad()
 def sequence_logprobs(model: Any, sequences: Sequence[list[int]], pad_id: int) -> list[torch.Tensor]:
     """Per-token log-probabilities of tokens 1..n-1 of each sequence under the model (right-padded batch)."""
-    ids, mask = _pad(sequences, pad_id)
+    batch = collate([{"input_ids": seq, "labels": seq} for seq in sequences], pad_id)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
@@ -49,13 +37,13 @@ def loglik_accuracy(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of the `loglik` protocol, with a 95% normal-approximation interval."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     rows: list[tuple[int, int, list[int]]] = []  # (example, choice, ids) with the choice length below
     lengths: list[int] = []
     for e_index, example in enumerate(examples):
-        prompt = _encode(tokenizer, example.prompt)[-max_prompt_tokens:]
+        prompt = encode_text(tokenizer, example.prompt)[-max_prompt_tokens:]
         for c_index, choice in enumerate(example.choices):
-            choice_ids = _encode(tokenizer, " " + choice.strip())
+            choice_ids = encode_text(tokenizer, choice_text(choice))
             rows.append((e_index, c_index, prompt + choice_ids))
             lengths.append(len(choice_ids))
     scores = [[-math.inf] * len(e.choices) for e in examples]

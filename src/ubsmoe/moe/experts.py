@@ -30,8 +30,7 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, sizes: tuple[
         return False
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return all(size * itemsize % 16 == 0 for size in sizes)
+    return all(size * dtype.itemsize % 16 == 0 for size in sizes)
 
 
 def make_grouped_linear(counts: torch.Tensor, implementation: str) -> GroupedLinear:
