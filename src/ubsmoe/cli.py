@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(
@@ -21,6 +28,142 @@ console = Console()
 @app.callback()
 def main() -> None:
     """UB-SMoE: clients with different compute budgets fine-tune one shared sparse MoE."""
+
+
+class _RichReporter:
+    """Progress bars for `ubsmoe run`: rounds, the clients of the round, a client's local steps, evaluation."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.rounds = self.clients = self.steps = self.evaluation = None
+        self.client = None
+        self.local_steps = 1
+
+    def stage(self, text: str) -> None:
+        self.progress.console.log(text)
+
+    def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None:
+        if self.rounds is None:
+            self.rounds = self.progress.add_task("rounds", total=total_rounds, completed=round)
+        self.local_steps = local_steps
+        for task in (self.clients, self.steps):
+            if task is not None:
+                self.progress.remove_task(task)
+        self.clients = self.progress.add_task(f"  round {round + 1}: clients", total=len(participants))
+        self.steps = self.progress.add_task("    local steps", total=local_steps)
+        self.client = None
+
+    def step(self, round: int, client: int, step: int) -> None:
+        if client != self.client:
+            if self.client is not None:
+                self.progress.advance(self.clients)
+            self.client = client
+            self.progress.reset(self.steps, total=self.local_steps, description=f"    client {client}: local steps")
+        self.progress.update(self.steps, completed=step)
+
+    def round_finished(self, record) -> None:
+        self.progress.update(self.clients, completed=len(record["clients"]))
+        self.progress.advance(self.rounds)
+        dropped = record.get("dropped") or []
+        for item in dropped:
+            self.progress.console.log(
+                f"[yellow]round {record['round'] + 1}: dropped client {item['client_id']}: {item['reason']}"
+            )
+        train = record.get("train") or {}
+        text = f"round {record['round'] + 1}: train loss {train.get('train_lm_loss', float('nan')):.3f}"
+        if record.get("mean_utilization_cv") is not None:
+            text += f", utilization CV {record['mean_utilization_cv']:.3f}"
+        evaluation = record.get("eval") or {}
+        if evaluation:
+            text += f", mean accuracy {100 * evaluation['mean_accuracy']:.1f}%"
+        self.progress.console.log(text)
+
+    def evaluation_started(self, label: str, total: int) -> None:
+        self.evaluation = self.progress.add_task(f"  {label}", total=total)
+
+    def evaluation_advanced(self, amount: int) -> None:
+        self.progress.advance(self.evaluation, amount)
+
+    def evaluation_finished(self) -> None:
+        if self.evaluation is not None:
+            self.progress.remove_task(self.evaluation)
+            self.evaluation = None
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Experiment config (.yaml/.yml/.toml); default: the embedded default."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one value, e.g. --set federation.rounds=5 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: output.dir of the config, runs/default).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the interrupted run in this folder, with its saved configuration.")
+    ] = None,
+) -> None:
+    """Run the federated experiment end to end: summary.json, metrics.jsonl, plots/, checkpoints in the output folder."""
+    from ubsmoe.config import ConfigError, load_config
+
+    try:
+        if resume is not None:
+            if config is not None or overrides:
+                raise ConfigError(
+                    f"--resume {resume} continues the run with its saved config.yaml; drop --config/--set"
+                )
+            if out is not None and out.resolve() != resume.resolve():
+                raise ConfigError(f"--out {out} and --resume {resume} name different folders")
+            experiment, folder = None, resume
+        else:
+            experiment = load_config(config, overrides or [])
+            folder = out if out is not None else Path(experiment.output.dir)
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    _run_experiment(experiment, folder, resume is not None)
+
+
+def _run_experiment(experiment, folder: Path, resume: bool) -> None:
+    from ubsmoe.config import ConfigError
+    from ubsmoe.data.bigbench import BigBenchError
+    from ubsmoe.data.commonsense import CommonsenseDataError
+    from ubsmoe.data.federated import DataError
+    from ubsmoe.fl.checkpoint import CheckpointError
+    from ubsmoe.fl.experiment import run_experiment
+    from ubsmoe.models.native import ModelLoadError
+    from ubsmoe.report.tables import summary_table
+
+    try:  # our own bars replace transformers' per-load bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            summary = run_experiment(experiment, folder, resume=resume, reporter=_RichReporter(progress))
+    except (ConfigError, ModelLoadError, DataError, CommonsenseDataError, BigBenchError, CheckpointError) as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; continue with: ubsmoe run --resume {folder}") from None
+    console.print(summary_table(summary))
+    console.print(f"\nwrote [bold]{folder / 'summary.json'}[/], metrics.jsonl, plots/ and checkpoint/ in {folder}")
 
 
 @app.command()

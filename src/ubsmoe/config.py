@@ -313,6 +313,11 @@ class FederationSection(_Section):
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    max_update_norm: float | None = Field(
+        100.0,
+        gt=0.0,
+        description="the server drops a client update whose adapter-delta norm exceeds it; null = no bound",
+    )
 
 
 class BaselinesSection(_Section):
@@ -329,13 +334,18 @@ class EvaluationSection(_Section):
     examples_per_task: int | None = Field(100, ge=1, description="held-out examples per task; null = all")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(32, ge=1, description="protocol 'generate' only")
-    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="level of the reported confidence intervals")
+    every: int = Field(1, ge=1, description="evaluate every this many rounds (the last round always)")
+    initial: bool = Field(True, description="also evaluate before training (round 0 of the plots)")
+    heldout_tokens: int = Field(
+        2048, ge=0, description="tokens of held-out BIG-bench text for perplexity per tier; 0 = skip"
+    )
 
 
 class OutputSection(_Section):
     dir: str = Field("runs/default", min_length=1)
-    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = none")
+    keep_checkpoints: int | None = Field(2, ge=1, description="newest round checkpoints kept; null = all")
     plots: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard scalars when the tensorboard package is installed")
 
 
 # ---- the experiment ----------------------------------------------------------------------------

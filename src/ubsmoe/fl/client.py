@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -159,8 +159,12 @@ def client_update(
     client_id: str | int,
     *,
     num_examples: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> ClientUpdate:
-    """Train `model` from `global_state` for one local round at K_c = `top_k`; see the module docstring."""
+    """Train `model` from `global_state` for one local round at K_c = `top_k`; see the module docstring.
+
+    `on_step(n)` is called after the n-th local step (for progress bars).
+    """
     if not isinstance(settings, ClientSettings):
         settings = ClientSettings.from_config(settings)
     round_index = global_state.round if settings.round is None else settings.round
@@ -204,6 +208,8 @@ def client_update(
             optimizer.step()
             losses.append(float(loss.detach()))
             lm_losses.append(float(lm_loss.detach()))
+            if on_step is not None:
+                on_step(len(losses))
     finally:
         elapsed = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)

@@ -51,8 +51,9 @@ from torch import nn
 from ubsmoe.data.prompts import collate
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
 from ubsmoe.fl.client import ClientSettings, client_update
-from ubsmoe.fl.payload import global_state_from_model, load_global_state
+from ubsmoe.fl.payload import ClientUpdate, GlobalState, global_state_from_model, load_global_state
 from ubsmoe.fl.server import aggregate_round, delta_norm, sample_clients, validate_update
+from ubsmoe.metrics.communication import payload_bytes
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -235,7 +236,9 @@ def _truncate_metrics(path: Path, next_round: int) -> None:
     os.replace(tmp, path)
 
 
-def _client_line(round: int, client: int, update: Any, top_k: int, reason: str | None) -> dict[str, Any]:
+def _client_line(
+    round: int, client: int, update: Any, top_k: int, reason: str | None, state: GlobalState
+) -> dict[str, Any]:
     metrics = getattr(update, "metrics", None)
     line: dict[str, Any] = {
         "round": round,
@@ -244,7 +247,10 @@ def _client_line(round: int, client: int, update: Any, top_k: int, reason: str |
         "num_examples": getattr(update, "num_examples", None),
         "accepted": reason is None,
         "drop_reason": reason,
+        "download_bytes": payload_bytes(state.adapters, state.phi),
     }
+    if isinstance(update, ClientUpdate):
+        line["upload_bytes"] = payload_bytes(update.adapter_deltas, update.phi, update.counts, update.tokens)
     if reason is None:
         line["delta_norm"] = delta_norm(update.adapter_deltas)
     if isinstance(metrics, Mapping):
@@ -271,6 +277,8 @@ def run_simulation(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = False,
     *,
+    on_round_start: Callable[[int, list[int]], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
     pad_id: int | None = None,
     zeta: float | None = None,
     eps: float | None = None,
@@ -290,6 +298,8 @@ def run_simulation(
         evaluate: called as `evaluate(model, round)` after each round's aggregation (model holds the new
             global state); its JSON-able dict goes to the record's "eval".
         on_round: called with each round's record after its checkpoint is written.
+        on_round_start: called as `on_round_start(round, participants)` when a round begins.
+        on_step: called as `on_step(round, client, step)` after each local step (for progress bars).
         resume: continue from the newest checkpoint in `out_dir/checkpoint` (fresh start if none).
         pad_id: padding id for `collate` (default: model.config.pad_token_id, else 0).
         max_norm: drop updates whose delta norm exceeds it (`validate_update`).
@@ -297,7 +307,8 @@ def run_simulation(
 
     Returns the records of all rounds (restored ones included): round, clients, accepted, dropped
     ([{client_id, reason}]), client_metrics (the metrics.jsonl lines of the round), train (the
-    num-examples-weighted client metrics), utilization_cv and dead_experts (per layer),
+    num-examples-weighted client metrics), utilization_cv, dead_experts and utilization (the global
+    activation rate of each expert, L x M) per layer,
     mean_utilization_cv, changed, eval, round_time_s.
     """
     client_settings, run = _resolve(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
@@ -349,11 +360,21 @@ def run_simulation(
         torch.manual_seed(derive_seed(run_seed, round_index))
         state = dataclasses.replace(state, round=round_index)
         participants = sample_clients(client_ids, run["fraction"], round_index, run_seed)
+        if on_round_start is not None:
+            on_round_start(round_index, list(participants))
         updates = []
         for client in participants:
             batches = client_batches(client_data[client], run["batch_size"], run_seed, round_index, client, pad_id)
             torch.manual_seed(derive_seed(run_seed, round_index, client))
-            updates.append(client_update(model, state, batches, client_top_ks[client], client_settings, client))
+            step_hook = None
+            if on_step is not None:
+
+                def step_hook(step: int, _round: int = round_index, _client: int = client) -> None:
+                    on_step(_round, _client, step)
+
+            updates.append(
+                client_update(model, state, batches, client_top_ks[client], client_settings, client, on_step=step_hook)
+            )
 
         new_state, report = aggregate_round(
             state, updates, zeta=run["zeta"], eps=run["eps"], max_norm=max_norm, dmr=run["dmr"]
@@ -368,7 +389,9 @@ def run_simulation(
             eval_time = time.perf_counter() - eval_start
 
         lines = [  # validate_update is what aggregate_round decided by, so the reasons agree with report
-            _client_line(round_index, client, update, client_top_ks[client], validate_update(update, state, max_norm))
+            _client_line(
+                round_index, client, update, client_top_ks[client], validate_update(update, state, max_norm), state
+            )
             for client, update in zip(participants, updates, strict=True)
         ]
         utilization = report.get("utilization", [])
@@ -386,6 +409,7 @@ def run_simulation(
                 "utilization_cv": cvs,
                 "mean_utilization_cv": _finite_mean(cvs),
                 "dead_experts": [layer["dead_experts"] for layer in utilization],
+                "utilization": [layer["utilization"] for layer in utilization],
                 "eval": eval_metrics,
                 "eval_time_s": eval_time,
                 "round_time_s": time.perf_counter() - started,

@@ -1,14 +1,15 @@
 """Quality measures of a causal LM: log-likelihood multiple-choice accuracy and perplexity.
 
 The `loglik` protocol scores each choice by the summed log-probability of its tokens after the
-prompt, and picks the highest. Prompt and choice are tokenized separately and concatenated, so the
+prompt, and picks the highest; `generate` (in `ubsmoe.metrics.generation`) generates greedily and
+takes the first choice found in the text. `evaluate_tasks` runs either over several tasks. Prompt and choice are tokenized separately and concatenated, so the
 scored tokens are exactly the choice's, whatever the tokenizer does at the boundary.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import choice_text, collate, encode_text, pad_token_id
+
+PROTOCOLS = ("loglik", "generate")
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 
 
 @torch.no_grad()
@@ -28,6 +32,55 @@ def sequence_logprobs(model: Any, sequences: Sequence[list[int]], pad_id: int) -
     return [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
 
 
+def _score_rows(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[MultipleChoice],
+    batch_size: int,
+    max_prompt_tokens: int,
+    on_batch: Callable[[int], None] | None,
+    gold_only: bool = False,
+) -> tuple[list[list[float]], list[list[int]]]:
+    """Summed log-probability and token count of each choice of each example (-inf / 0 where not scored)."""
+    pad_id = pad_token_id(tokenizer)
+    rows: list[tuple[int, int, list[int]]] = []  # (example, choice, prompt + choice ids)
+    lengths: list[int] = []
+    for e_index, example in enumerate(examples):
+        prompt = encode_text(tokenizer, example.prompt)[-max_prompt_tokens:]
+        for c_index, choice in enumerate(example.choices):
+            if gold_only and c_index != example.answer:
+                continue
+            choice_ids = encode_text(tokenizer, choice_text(choice))
+            rows.append((e_index, c_index, prompt + choice_ids))
+            lengths.append(len(choice_ids))
+    scores = [[-math.inf] * len(e.choices) for e in examples]
+    counts = [[0] * len(e.choices) for e in examples]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths share a batch
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            logprobs = sequence_logprobs(model, [rows[i][2] for i in batch], pad_id)
+            for i, lp in zip(batch, logprobs, strict=True):
+                e_index, c_index, _ = rows[i]
+                scores[e_index][c_index] = lp[-lengths[i] :].sum().item()
+                counts[e_index][c_index] = lengths[i]
+            if on_batch:
+                on_batch(len(batch))
+    finally:
+        model.train(was_training)
+    return scores, counts
+
+
+def _accuracy(correct: Sequence[bool], examples: Sequence[MultipleChoice]) -> dict[str, Any]:
+    n = len(correct)
+    accuracy = sum(correct) / n if n else float("nan")
+    half_width = Z95 * math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+    chance = sum(1 / len(e.choices) for e in examples) / n if n else float("nan")
+    return {"accuracy": accuracy, "ci95": half_width, "n": n, "chance": chance}
+
+
 def loglik_accuracy(
     model: Any,
     tokenizer: Any,
@@ -36,35 +89,73 @@ def loglik_accuracy(
     max_prompt_tokens: int = 384,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of the `loglik` protocol, with a 95% normal-approximation interval."""
-    pad_id = pad_token_id(tokenizer)
-    rows: list[tuple[int, int, list[int]]] = []  # (example, choice, ids) with the choice length below
-    lengths: list[int] = []
-    for e_index, example in enumerate(examples):
-        prompt = encode_text(tokenizer, example.prompt)[-max_prompt_tokens:]
-        for c_index, choice in enumerate(example.choices):
-            choice_ids = encode_text(tokenizer, choice_text(choice))
-            rows.append((e_index, c_index, prompt + choice_ids))
-            lengths.append(len(choice_ids))
-    scores = [[-math.inf] * len(e.choices) for e in examples]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths share a batch
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        logprobs = sequence_logprobs(model, [rows[i][2] for i in batch], pad_id)
-        for i, lp in zip(batch, logprobs, strict=True):
-            e_index, c_index, _ = rows[i]
-            scores[e_index][c_index] = lp[-lengths[i] :].sum().item()
-        if on_batch:
-            on_batch(len(batch))
-    model.train(was_training)
+    """Accuracy of the `loglik` protocol, with a 95% normal-approximation interval.
+
+    Also returns the gold answers' summed negative log-likelihood and token count (`answer_nll`,
+    `answer_tokens`), from the same forward passes: exp(answer_nll / answer_tokens) is the
+    perplexity of the correct answers, a more sensitive quality measure than accuracy.
+    """
+    scores, counts = _score_rows(model, tokenizer, examples, batch_size, max_prompt_tokens, on_batch)
     correct = [max(range(len(s)), key=s.__getitem__) == e.answer for s, e in zip(scores, examples, strict=True)]
-    n = len(correct)
-    accuracy = sum(correct) / n if n else float("nan")
-    half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
-    chance = sum(1 / len(e.choices) for e in examples) / n if n else float("nan")
-    return {"protocol": "loglik", "accuracy": accuracy, "ci95": half_width, "n": n, "chance": chance}
+    return {
+        "protocol": "loglik",
+        **_accuracy(correct, examples),
+        "answer_nll": -sum(s[e.answer] for s, e in zip(scores, examples, strict=True)),
+        "answer_tokens": sum(c[e.answer] for c, e in zip(counts, examples, strict=True)),
+    }
+
+
+def answer_nll(
+    model: Any, tokenizer: Any, examples: Sequence[MultipleChoice], batch_size: int = 16, max_prompt_tokens: int = 384
+) -> tuple[float, int]:
+    """(summed negative log-likelihood, token count) of the gold answers only."""
+    scores, counts = _score_rows(model, tokenizer, examples, batch_size, max_prompt_tokens, None, gold_only=True)
+    nll = -sum(s[e.answer] for s, e in zip(scores, examples, strict=True))
+    return nll, sum(c[e.answer] for c, e in zip(counts, examples, strict=True))
+
+
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: Mapping[str, Sequence[MultipleChoice]],
+    protocol: str = "loglik",
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy per task and their mean (each task weighs the same), with 95% intervals, and the answer perplexity.
+
+    The interval of the mean combines the tasks' binomial variances: 1.96 * sqrt(sum_t p_t (1 - p_t) / n_t) / T.
+    `answer_perplexity` is exp(mean NLL per gold-answer token) over all tasks' examples (under
+    `generate` it costs one extra scoring pass of the gold answers).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
+    per_task: dict[str, dict[str, Any]] = {}
+    nll, tokens = 0.0, 0
+    for task, examples in tasks.items():
+        if protocol == "loglik":
+            result = loglik_accuracy(model, tokenizer, examples, batch_size, on_batch=on_batch)
+            task_nll, task_tokens = result.pop("answer_nll"), result.pop("answer_tokens")
+        else:
+            from ubsmoe.metrics.generation import generate_accuracy
+
+            result = generate_accuracy(model, tokenizer, examples, batch_size, max_new_tokens, on_batch=on_batch)
+            task_nll, task_tokens = answer_nll(model, tokenizer, examples, batch_size)
+        result.pop("protocol", None)
+        per_task[task] = result
+        nll, tokens = nll + task_nll, tokens + task_tokens
+    accuracies = [r["accuracy"] for r in per_task.values()]
+    count = len(accuracies)
+    variance = sum(r["accuracy"] * (1 - r["accuracy"]) / r["n"] for r in per_task.values() if r["n"])
+    return {
+        "protocol": protocol,
+        "accuracy": sum(accuracies) / count if count else float("nan"),
+        "ci95": Z95 * math.sqrt(variance) / count if count else float("nan"),
+        "chance": sum(r["chance"] for r in per_task.values()) / count if count else float("nan"),
+        "answer_perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+        "per_task": per_task,
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,120 @@
+"""The data of one federated experiment: per-task train/test splits, client partitions, encoded examples.
+
+`federated_data(section, num_clients, tokenizer, eval_examples_per_task)` reads `config.data`:
+
+- source `bigbench`: each task's examples (`from_bigbench`) split train/test by `split_train_test`
+  (seed `data.seed`, `data.test_fraction`);
+- source `commonsense`: LLM-Adapters task folders under `data.path`; a task's `train.json` is its
+  training split where present, else its `test.json` is split like a BIG-bench task.
+
+Training examples are capped per task by `data.max_train_examples_per_task` (a seeded sample, so a
+cap keeps the task's label mix) and pooled; the pool is partitioned over the clients (IID, or
+Dirichlet(alpha) over the (task, answer) label, seed `data.seed`), and each client's examples are
+encoded for training (answer-only loss). Evaluation uses a seeded sample of at most
+`eval_examples_per_task` test examples per task, the same for every round and tier.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ubsmoe.data.bigbench import load_bigbench_task
+from ubsmoe.data.commonsense import load_task, split_train_test, task_file
+from ubsmoe.data.multiple_choice import MultipleChoice, from_bigbench
+from ubsmoe.data.partition import example_labels, label_histograms, partition
+from ubsmoe.data.prompts import encode_for_training
+
+if TYPE_CHECKING:
+    from ubsmoe.config import DataSection
+
+__all__ = ["DataError", "FederatedData", "federated_data"]
+
+
+class DataError(ValueError):
+    """The experiment's data cannot be assembled; the message names the task and what is wrong."""
+
+
+@dataclass
+class FederatedData:
+    tasks: list[str]
+    train: dict[str, list[MultipleChoice]]  # per task, after the cap
+    test: dict[str, list[MultipleChoice]]  # per task, the evaluation sample
+    client_examples: list[list[MultipleChoice]]
+    client_encoded: list[list[dict[str, list[int]]]]
+    label_histograms: list[dict[str, int]]  # "task/answer index" -> count, per client
+    task_histograms: list[dict[str, int]]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for summary.json (sizes and histograms, no example text)."""
+        return {
+            "tasks": self.tasks,
+            "train_examples": {t: len(v) for t, v in self.train.items()},
+            "eval_examples": {t: len(v) for t, v in self.test.items()},
+            "client_sizes": [len(c) for c in self.client_examples],
+        }
+
+
+def _task_examples(section: DataSection, task: str) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
+    if section.source == "bigbench":
+        examples = from_bigbench(load_bigbench_task(task), task)
+        if len(examples) < 2:
+            raise DataError(
+                f"data.tasks: BIG-bench task {task!r} has {len(examples)} multiple-choice example(s) "
+                "(with target_scores); choose a multiple-choice task"
+            )
+        return split_train_test(examples, section.test_fraction, section.seed)
+    folder = section.path
+    if task_file(folder, task, "train") is not None:
+        return load_task(folder, task, "train"), load_task(folder, task, "test")
+    return split_train_test(load_task(folder, task, "test"), section.test_fraction, section.seed)
+
+
+def _sample(items: Sequence[Any], count: int | None, seed: str) -> list[Any]:
+    if count is None or count >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), count))
+    return [items[i] for i in chosen]
+
+
+def federated_data(
+    section: DataSection,
+    num_clients: int,
+    tokenizer: Any,
+    eval_examples_per_task: int | None,
+    progress: Callable[[str], None] | None = None,
+) -> FederatedData:
+    """Load, split, cap, partition and encode the experiment's data (see the module docstring)."""
+    train: dict[str, list[MultipleChoice]] = {}
+    test: dict[str, list[MultipleChoice]] = {}
+    for task in section.tasks:
+        if progress:
+            progress(f"data: {task}")
+        task_train, task_test = _task_examples(section, task)
+        train[task] = _sample(task_train, section.max_train_examples_per_task, f"ubsmoe-train:{section.seed}:{task}")
+        test[task] = _sample(task_test, eval_examples_per_task, f"ubsmoe-eval:{section.seed}:{task}")
+        if not train[task] or not test[task]:
+            raise DataError(f"data.tasks: task {task!r} has no training or no test examples after the split")
+    pool = [example for task in section.tasks for example in train[task]]
+    labels = example_labels(pool)
+    if len(pool) < num_clients:
+        raise DataError(
+            f"moe.tiers: {num_clients} clients but only {len(pool)} training examples; use fewer clients or more data"
+        )
+    parts = partition(labels, num_clients, section.partition, section.dirichlet_alpha, section.seed)
+    client_examples = [[pool[i] for i in part] for part in parts]
+    client_encoded = [[encode_for_training(tokenizer, e, section.max_length) for e in part] for part in client_examples]
+    histograms = [{f"{task}/{answer}": n for (task, answer), n in h.items()} for h in label_histograms(labels, parts)]
+    task_histograms = [dict(Counter(e.task for e in part)) for part in client_examples]
+    return FederatedData(
+        tasks=list(section.tasks),
+        train=train,
+        test=test,
+        client_examples=client_examples,
+        client_encoded=client_encoded,
+        label_histograms=histograms,
+        task_histograms=task_histograms,
+    )

@@ -1,0 +1,305 @@
+"""One experiment end to end: config -> model -> data -> federated simulation -> per-tier evaluation -> outputs.
+
+`run_experiment(config, out_dir, resume=False, reporter=None)` is what `ubsmoe run` calls:
+
+1. writes `OUT/config.yaml` (the full configuration; `--resume` reads it back);
+2. loads the model (`ubsmoe.models.loading`) and the data (`ubsmoe.data.federated`), and checks the
+   config against both (N_p, clients vs examples);
+3. measures each tier's training FLOPs per sample: analytic (`flops_per_token` x the mean training
+   sequence length) and measured (`FlopCounterMode` over the forward + backward of a few real
+   training sequences, run with the eager expert loop and eager attention, which the counter sees);
+4. evaluates every tier before training (`OUT/initial_eval.json`; plotted as round 0), then runs the
+   federated simulation (`ubsmoe.fl.simulation`), evaluating every tier at its K_c after every
+   `evaluation.every` rounds (and after the last): accuracy per task and mean with 95% intervals,
+   perplexity of the gold answers, perplexity of held-out BIG-bench text;
+5. writes `OUT/summary.json` (`ubsmoe.report.summary`), `OUT/plots/*.png`, TensorBoard scalars
+   (`OUT/tensorboard/`, when the package is installed) and the final adapters (`OUT/adapters/`).
+
+Per-round checkpoints and `OUT/metrics.jsonl` come from the simulation. A `Reporter` receives
+progress events (the CLI draws rich progress bars from them); the engine prints nothing itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.data.federated import FederatedData, federated_data
+from ubsmoe.data.prompts import collate, pad_token_id
+from ubsmoe.fl.checkpoint import latest_checkpoint
+from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
+from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
+from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
+from ubsmoe.models.loading import LoadedModel, load_experiment_model
+from ubsmoe.moe import moe_blocks, set_top_k
+
+__all__ = ["CONFIG_FILE", "INITIAL_EVAL_FILE", "Reporter", "Tier", "run_experiment"]
+
+CONFIG_FILE = "config.yaml"
+INITIAL_EVAL_FILE = "initial_eval.json"
+FLOP_SAMPLES = 4
+
+
+class Reporter:
+    """Progress events of a run; every method is a no-op here (subclass what you need)."""
+
+    def stage(self, text: str) -> None: ...
+
+    def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None: ...
+
+    def step(self, round: int, client: int, step: int) -> None: ...
+
+    def round_finished(self, record: Mapping[str, Any]) -> None: ...
+
+    def evaluation_started(self, label: str, total: int) -> None: ...
+
+    def evaluation_advanced(self, amount: int) -> None: ...
+
+    def evaluation_finished(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    index: int
+    budget: float
+    top_k: int
+    clients: tuple[int, ...]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tiers(config: ExperimentConfig, top_ks: list[int]) -> list[Tier]:
+    tier_of = config.client_tiers()
+    return [
+        Tier(i, t.budget, top_ks[tier_of.index(i)], tuple(c for c, ti in enumerate(tier_of) if ti == i))
+        for i, t in enumerate(config.moe.tiers)
+    ]
+
+
+@contextlib.contextmanager
+def _countable(model: nn.Module) -> Iterator[None]:
+    """Eager experts and eager attention for the duration: the FLOP counter sees neither grouped_mm nor CPU SDPA."""
+    blocks = moe_blocks(model)
+    configs = [b.config for b in blocks]
+    attention = getattr(model.config, "_attn_implementation", None)
+    try:
+        for block in blocks:
+            block.config = dataclasses.replace(block.config, implementation="eager")
+        if attention is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        yield
+    finally:
+        for block, config in zip(blocks, configs, strict=True):
+            block.config = config
+        if attention is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(attention)
+
+
+def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: FederatedData) -> list[dict[str, Any]]:
+    """Training FLOPs per sample of each tier: analytic and measured on the same real sequences."""
+    lengths = [len(e["input_ids"]) for client in data.client_encoded for e in client]
+    mean_length = statistics.fmean(lengths)
+    samples = [e for client in data.client_encoded for e in client][:FLOP_SAMPLES]
+    dims = ModelDims.from_model(model)
+    options = {
+        "lora_rank": config.lora.rank,
+        "lora_targets": config.lora.targets,
+        "training": True,
+        "dmr": config.dmr_active,
+        "pseudo_gradient": config.pseudo_gradient_active,
+        "router_trainable": config.moe.router_trainable,
+    }
+    was_training = model.training
+    rows = []
+    for tier in tiers:
+        set_top_k(model, tier.top_k)
+
+        def per_sample(length: int, top_k: int = tier.top_k) -> float:
+            return flops_per_token(dims, top_k, seq_len=length, **options)["total"] * length
+
+        measured = 0
+        model.train()
+        with _countable(model):
+            for sample in samples:
+                batch = collate([sample], 0)
+
+                def step(batch: dict[str, torch.Tensor] = batch) -> None:
+                    model(**batch).loss.backward()
+
+                measured += count_flops(step)
+        model.zero_grad(set_to_none=True)
+        rows.append(
+            {
+                "analytic": per_sample(round(mean_length)),
+                "measured": measured / len(samples),
+                "analytic_same_samples": sum(per_sample(len(s["input_ids"])) for s in samples) / len(samples),
+                "tokens_per_sample": mean_length,
+                "per_token": flops_per_token(dims, tier.top_k, seq_len=round(mean_length), **options),
+            }
+        )
+    model.train(was_training)
+    return rows
+
+
+class _Evaluator:
+    """Evaluates every tier at its K_c; restores the model's K and mode afterwards."""
+
+    def __init__(self, loaded: LoadedModel, config: ExperimentConfig, data: FederatedData, tiers: list[Tier], reporter):
+        self.loaded, self.config, self.data, self.tiers, self.reporter = loaded, config, data, tiers, reporter
+        self.heldout: list[list[int]] = []
+        if config.evaluation.heldout_tokens:
+            from ubsmoe.data.calibration import HELDOUT_TASKS, task_texts, token_blocks
+
+            texts = task_texts(HELDOUT_TASKS)
+            self.heldout = token_blocks(loaded.tokenizer, texts, 256, config.evaluation.heldout_tokens, config.seed)
+        per_example = (lambda e: len(e.choices)) if config.evaluation.protocol == "loglik" else (lambda e: 1)
+        self.units = sum(per_example(e) for examples in data.test.values() for e in examples)
+
+    def __call__(self, model: nn.Module, round: int | None) -> dict[str, Any]:
+        label = "before training" if round is None else f"after round {round + 1}"
+        self.reporter.evaluation_started(f"evaluating {len(self.tiers)} tiers {label}", self.units * len(self.tiers))
+        results = []
+        try:
+            for tier in self.tiers:
+                set_top_k(model, tier.top_k)
+                result = evaluate_tasks(
+                    model,
+                    self.loaded.tokenizer,
+                    self.data.test,
+                    self.config.evaluation.protocol,
+                    self.config.evaluation.batch_size,
+                    self.config.evaluation.max_new_tokens,
+                    on_batch=self.reporter.evaluation_advanced,
+                )
+                if self.heldout:
+                    result["heldout_perplexity"] = perplexity(model, self.heldout)
+                results.append({"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, **result})
+        finally:
+            self.reporter.evaluation_finished()
+        accuracies = [r["accuracy"] for r in results]
+        intervals = [r["ci95"] for r in results]
+        return {
+            "protocol": self.config.evaluation.protocol,
+            "tiers": results,
+            "mean_accuracy": statistics.fmean(accuracies),
+            # tiers evaluate the same examples, so their errors are correlated: the mean's interval is
+            # bounded by the mean of the tiers' intervals rather than shrunk by sqrt(number of tiers)
+            "mean_ci95": statistics.fmean(intervals),
+            "chance": results[0]["chance"],
+        }
+
+
+def _due(config: ExperimentConfig, round: int) -> bool:
+    last = round == config.federation.rounds - 1
+    return last or (round + 1) % config.evaluation.every == 0
+
+
+def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | None, resume: bool) -> ExperimentConfig:
+    """The run's configuration: saved into a fresh OUT, or read back from OUT on resume (ConfigError otherwise)."""
+    out = Path(out_dir)
+    saved = out / CONFIG_FILE
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"--resume {out}: no {CONFIG_FILE} there; it is not the folder of a `ubsmoe run`")
+        return load_config(saved)
+    if config is None:
+        raise ConfigError("no configuration given")
+    if latest_checkpoint(out / CHECKPOINT_DIR) is not None or (out / "summary.json").exists():
+        raise ConfigError(
+            f"output.dir = {str(out)!r} already holds a run; pass --resume {out} to continue it, or choose another "
+            "folder with --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return config
+
+
+def run_experiment(
+    config: ExperimentConfig | None,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) one experiment and write its outputs; returns the summary (see the module docstring)."""
+    from ubsmoe.report.summary import build_summary, write_outputs
+
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    out = Path(out_dir if out_dir is not None else (config.output.dir if config else "runs/default"))
+    config = prepare_output(out, config, resume)
+
+    reporter.stage("loading the model")
+    loaded = load_experiment_model(config, progress=reporter.stage)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    top_ks = config.client_top_ks(loaded.k_max)
+    reporter.stage("loading the data")
+    data = federated_data(
+        config.data, config.num_clients, tokenizer, config.evaluation.examples_per_task, progress=reporter.stage
+    )
+    config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
+    tiers = _tiers(config, top_ks)
+    load_s = time.perf_counter() - started
+
+    reporter.stage("measuring training FLOPs per tier")
+    flops = _flops(model, config, tiers, data)
+    evaluator = _Evaluator(loaded, config, data, tiers, reporter)
+    initial_path = out / INITIAL_EVAL_FILE
+    initial = None
+    if config.evaluation.initial:
+        if resume and initial_path.is_file():
+            initial = json.loads(initial_path.read_text(encoding="utf-8"))
+        else:
+            torch.manual_seed(config.seed)
+            initial = evaluator(model, None)
+            _write_json(initial_path, initial)
+
+    def evaluate(model: nn.Module, round: int) -> dict[str, Any]:
+        return evaluator(model, round) if _due(config, round) else {}
+
+    records = run_simulation(
+        model,
+        data.client_encoded,
+        top_ks,
+        config,
+        out_dir=out,
+        evaluate=evaluate,
+        on_round=reporter.round_finished,
+        resume=resume,
+        pad_id=pad_token_id(tokenizer),
+        max_norm=config.federation.max_update_norm,
+        keep_checkpoints=config.output.keep_checkpoints,
+        on_round_start=lambda r, p: reporter.round_started(
+            r, config.federation.rounds, p, config.federation.local_steps
+        ),
+        on_step=reporter.step,
+    )
+    reporter.stage("writing the summary and plots")
+    summary = build_summary(
+        config=config,
+        loaded=loaded,
+        data=data,
+        tiers=tiers,
+        top_ks=top_ks,
+        flops=flops,
+        initial=initial,
+        records=records,
+        timing={"load_s": load_s, "total_s": time.perf_counter() - started},
+    )
+    write_outputs(summary, model, out, config)
+    return summary
