@@ -40,7 +40,7 @@ class _RichReporter:
         self.local_steps = 1
 
     def stage(self, text: str) -> None:
-        self.progress.console.log(text)
+        self.progress.console.print(text)
 
     def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None:
         if self.rounds is None:
@@ -66,7 +66,7 @@ class _RichReporter:
         self.progress.advance(self.rounds)
         dropped = record.get("dropped") or []
         for item in dropped:
-            self.progress.console.log(
+            self.progress.console.print(
                 f"[yellow]round {record['round'] + 1}: dropped client {item['client_id']}: {item['reason']}"
             )
         train = record.get("train") or {}
@@ -76,7 +76,7 @@ class _RichReporter:
         evaluation = record.get("eval") or {}
         if evaluation:
             text += f", mean accuracy {100 * evaluation['mean_accuracy']:.1f}%"
-        self.progress.console.log(text)
+        self.progress.console.print(text)
 
     def evaluation_started(self, label: str, total: int) -> None:
         self.evaluation = self.progress.add_task(f"  {label}", total=total)
