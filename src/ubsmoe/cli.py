@@ -132,6 +132,30 @@ def run(
     _run_experiment(experiment, folder, resume is not None)
 
 
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config (.yaml/.yml/.toml).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one value (repeatable).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write it to this file (.yaml/.toml/.json) instead of printing.")
+    ] = None,
+) -> None:
+    """Print the full, validated configuration (the defaults, your file, your --set values): a template to edit."""
+    from ubsmoe.config import ConfigError, load_config, save_config
+
+    try:
+        experiment = load_config(config, overrides or [])
+        if out is not None:
+            save_config(experiment, out)
+            console.print(f"wrote {out}")
+            return
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    import yaml
+
+    print(yaml.safe_dump(experiment.to_dict(), sort_keys=False), end="")
+
+
 def _run_experiment(experiment, folder: Path, resume: bool) -> None:
     from ubsmoe.config import ConfigError
     from ubsmoe.data.bigbench import BigBenchError

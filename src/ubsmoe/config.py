@@ -253,10 +253,8 @@ class LoRASection(_Section):
     rank: int = Field(8, ge=1, description="uniform expert rank (r_max of the rank baselines)")
     alpha: float = Field(16.0, gt=0.0)
     targets: list[ExpertTarget] = Field(default_factory=lambda: ["gate", "up", "down"])
-    attention: bool = False
-    attention_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
-    @field_validator("targets", "attention_targets")
+    @field_validator("targets")
     @classmethod
     def _distinct(cls, names: list[str]) -> list[str]:
         if not names or len(set(names)) != len(names):
@@ -272,7 +270,9 @@ class DataSection(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0.0)
     seed: int = Field(0, description="seeds the split and the partition, separately from the model seed")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each task held out for evaluation")
-    max_train_examples_per_task: int | None = Field(None, ge=1, description="null = all")
+    max_train_examples_per_task: int | None = Field(
+        200, ge=1, description="a seeded sample of each task's training split; null = all"
+    )
     max_length: int = Field(256, ge=8, description="tokens per training example (longer ones are truncated)")
 
     @field_validator("tasks")
@@ -291,8 +291,8 @@ class DataSection(_Section):
 
 class OptimizerSection(_Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
-    min_lr: float = Field(1e-6, ge=0.0, description="learning rate of the last round (cosine schedule)")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate of the first round")
+    min_lr: float = Field(1e-5, ge=0.0, description="learning rate of the last round (cosine schedule)")
     weight_decay: float = Field(0.0, ge=0.0)
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="per-round cosine from lr to min_lr over the rounds (FlowerTune), or constant"
@@ -310,7 +310,7 @@ class FederationSection(_Section):
     clients: int | None = Field(None, ge=1, description="null = the clients of moe.tiers; if set, must match")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     rounds: int = Field(3, ge=1)
-    local_steps: int = Field(10, ge=1)
+    local_steps: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     max_update_norm: float | None = Field(
@@ -331,7 +331,7 @@ class BaselinesSection(_Section):
 
 class EvaluationSection(_Section):
     protocol: Literal["loglik", "generate"] = "loglik"
-    examples_per_task: int | None = Field(100, ge=1, description="held-out examples per task; null = all")
+    examples_per_task: int | None = Field(20, ge=1, description="held-out examples per task; null = all")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(32, ge=1, description="protocol 'generate' only")
     every: int = Field(1, ge=1, description="evaluate every this many rounds (the last round always)")

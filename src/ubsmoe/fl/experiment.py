@@ -45,8 +45,17 @@ from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
 from ubsmoe.moe import moe_blocks, set_top_k
 
-__all__ = ["CONFIG_FILE", "INITIAL_EVAL_FILE", "Reporter", "Tier", "run_experiment"]
+__all__ = [
+    "CONFIG_FILE",
+    "IMPLEMENTED_METHODS",
+    "INITIAL_EVAL_FILE",
+    "Reporter",
+    "Tier",
+    "prepare_output",
+    "run_experiment",
+]
 
+IMPLEMENTED_METHODS = ("ubsmoe", "ubsmoe-no-dmr", "ubsmoe-no-pg", "ubsmoe-no-reg", "smoe-naive")
 CONFIG_FILE = "config.yaml"
 INITIAL_EVAL_FILE = "initial_eval.json"
 FLOP_SAMPLES = 4
@@ -137,7 +146,8 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
         model.train()
         with _countable(model):
             for sample in samples:
-                batch = collate([sample], 0)
+                device = next(model.parameters()).device
+                batch = {k: v.to(device) for k, v in collate([sample], 0).items()}
 
                 def step(batch: dict[str, torch.Tensor] = batch) -> None:
                     model(**batch).loss.backward()
@@ -214,6 +224,11 @@ def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | N
     """The run's configuration: saved into a fresh OUT, or read back from OUT on resume (ConfigError otherwise)."""
     out = Path(out_dir)
     saved = out / CONFIG_FILE
+    if config is not None and config.method not in IMPLEMENTED_METHODS:
+        raise ConfigError(
+            f"method = {config.method!r}: not runnable yet (the other baselines come with `ubsmoe compare`); "
+            f"runnable: {', '.join(IMPLEMENTED_METHODS)}"
+        )
     if resume:
         if not saved.is_file():
             raise ConfigError(f"--resume {out}: no {CONFIG_FILE} there; it is not the folder of a `ubsmoe run`")

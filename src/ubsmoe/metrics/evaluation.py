@@ -26,10 +26,11 @@ Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 def sequence_logprobs(model: Any, sequences: Sequence[list[int]], pad_id: int) -> list[torch.Tensor]:
     """Per-token log-probabilities of tokens 1..n-1 of each sequence under the model (right-padded batch)."""
     batch = collate([{"input_ids": seq, "labels": seq} for seq in sequences], pad_id)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+    return [logprobs[row, : len(seq) - 1].cpu() for row, seq in enumerate(sequences)]
 
 
 def _score_rows(

@@ -36,7 +36,7 @@ from ubsmoe.models.native import (
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
 
-__all__ = ["LoadedModel", "load_experiment_model"]
+__all__ = ["LoadedModel", "load_experiment_model", "resolve_device"]
 
 CALIBRATION_BLOCK = 256
 Progress = Callable[[str], None]
@@ -99,6 +99,18 @@ def _moefy(base: nn.Module, tokenizer: Any, config: ExperimentConfig, identity: 
     return model
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device when there is one, else the CPU; other names as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device = {name!r}: no CUDA device is available here; use 'auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device = {name!r}: MPS is not available here; use 'auto' or 'cpu'")
+    return device
+
+
 def _local_config(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -146,11 +158,13 @@ def load_experiment_model(config: ExperimentConfig, progress: Progress | None = 
             torch.manual_seed(config.seed)
             model = _moefy(base, tokenizer, config, model_fingerprint(base), progress)
             kind = "moefied"
+    device = resolve_device(config.device)
+    model.to(device)
     model.eval()
     k_max, num_experts = _moe_dims(model)
     if kind == "moefied":
         k_max = num_experts
-    info = {"name": name, "kind": kind, "k_max": k_max, "num_experts": num_experts}
+    info = {"name": name, "kind": kind, "k_max": k_max, "num_experts": num_experts, "device": str(device)}
     cache = getattr(model, "moefication_cache", None)
     if cache:
         info["moefication_cache"] = dict(cache)
