@@ -239,3 +239,13 @@ def test_dmr_lowers_the_utilization_cv(setup):
         cvs[method] = [r["mean_utilization_cv"] for r in summary["rounds"]]
     assert cvs["ubsmoe"][0] == pytest.approx(cvs["ubsmoe-no-dmr"][0], rel=0.05)  # same start
     assert cvs["ubsmoe"][-1] < 0.8 * cvs["ubsmoe-no-dmr"][-1]
+
+
+def test_the_generate_protocol_is_named_and_scored(setup):
+    quick = ["federation.rounds=1", "evaluation.protocol=generate", "evaluation.max_new_tokens=4", "output.plots=false"]
+    summary = run_experiment(_config(setup, *quick), setup["root"] / "generate")
+    assert summary["evaluation"]["protocol"] == "generate"
+    for tier in summary["tiers"]:
+        assert 0.0 <= tier["accuracy"]["mean"] <= 1.0
+        assert tier["answer_perplexity"] > 1.0
+        assert tier["train_flops_per_round"][0] > 0

@@ -189,11 +189,14 @@ def client_update(
     losses: list[float] = []
     lm_losses: list[float] = []
     processed = 0
+    tokens = 0  # real (unpadded) tokens trained on, for FLOPs per round
     start = time.perf_counter()
     try:
         for _ in range(settings.local_steps):
             batch = next(cycle)
             processed += _batch_size(batch)
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else batch["input_ids"].numel()
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             output = model(**inputs)
             lm_loss = output.loss
@@ -233,6 +236,7 @@ def client_update(
         "lr": lr,
         "local_steps": float(steps),
         "examples_processed": float(processed),
+        "tokens_processed": float(tokens),
     }
     return ClientUpdate(
         client_id=client_id,

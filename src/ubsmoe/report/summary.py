@@ -102,6 +102,12 @@ def build_summary(
                 "initial_heldout_perplexity": initial_entry.get("heldout_perplexity") if initial_entry else None,
                 "flops_per_sample": dict(tier_flops),
                 "step_time_s": _mean([line.get("step_time_s") for line in lines]),
+                # analytic training FLOPs of the tier's clients in each round, from the tokens they trained on
+                "train_flops_per_round": [
+                    tier_flops["per_token"]["total"]
+                    * sum(x.get("tokens_processed") or 0 for x in lines if x.get("round") == r.get("round"))
+                    for r in records
+                ],
                 "train_lm_loss_last_round": _mean(
                     [line.get("train_lm_loss") for line in lines if line.get("round") == len(records) - 1]
                 ),
