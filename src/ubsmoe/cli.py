@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -38,9 +39,15 @@ class _RichReporter:
         self.rounds = self.clients = self.steps = self.evaluation = None
         self.client = None
         self.local_steps = 1
+        self.bars: dict[str, TaskID] = {}
 
     def stage(self, text: str) -> None:
         self.progress.console.print(text)
+
+    def steps(self, what: str, done: int, total: int) -> None:
+        if self.bars.get(what) is None:
+            self.bars[what] = self.progress.add_task(what, total=total)
+        self.progress.update(self.bars[what], completed=done, total=total)
 
     def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None:
         if self.rounds is None:

@@ -66,6 +66,8 @@ class Reporter:
 
     def stage(self, text: str) -> None: ...
 
+    def steps(self, what: str, done: int, total: int) -> None: ...
+
     def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None: ...
 
     def step(self, round: int, client: int, step: int) -> None: ...
@@ -260,7 +262,7 @@ def run_experiment(
     config = prepare_output(out, config, resume)
 
     reporter.stage("loading the model")
-    loaded = load_experiment_model(config, progress=reporter.stage)
+    loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps)
     model, tokenizer = loaded.model, loaded.tokenizer
     top_ks = config.client_top_ks(loaded.k_max)
     reporter.stage("loading the data")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import choice_text, collate, encode_text, pad_token_id
+from ubsmoe.metrics.scoring import choice_logprobs
 
 PROTOCOLS = ("loglik", "generate")
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
@@ -42,35 +43,21 @@ def _score_rows(
     on_batch: Callable[[int], None] | None,
     gold_only: bool = False,
 ) -> tuple[list[list[float]], list[list[int]]]:
-    """Summed log-probability and token count of each choice of each example (-inf / 0 where not scored)."""
-    pad_id = pad_token_id(tokenizer)
-    rows: list[tuple[int, int, list[int]]] = []  # (example, choice, prompt + choice ids)
-    lengths: list[int] = []
-    for e_index, example in enumerate(examples):
-        prompt = encode_text(tokenizer, example.prompt)[-max_prompt_tokens:]
-        for c_index, choice in enumerate(example.choices):
-            if gold_only and c_index != example.answer:
-                continue
-            choice_ids = encode_text(tokenizer, choice_text(choice))
-            rows.append((e_index, c_index, prompt + choice_ids))
-            lengths.append(len(choice_ids))
+    """Summed log-probability and token count of each choice of each example (-inf / 0 where not scored).
+
+    Each prompt runs once and its KV cache serves all of its choices (`ubsmoe.metrics.scoring`).
+    """
+    prompts = [encode_text(tokenizer, example.prompt)[-max_prompt_tokens:] for example in examples]
+    choice_ids = [[encode_text(tokenizer, choice_text(choice)) for choice in example.choices] for example in examples]
+    wanted = [[ids[e.answer]] for ids, e in zip(choice_ids, examples, strict=True)] if gold_only else choice_ids
+    logprobs = choice_logprobs(model, prompts, wanted, pad_token_id(tokenizer), batch_size, on_batch)
     scores = [[-math.inf] * len(e.choices) for e in examples]
     counts = [[0] * len(e.choices) for e in examples]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths share a batch
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            logprobs = sequence_logprobs(model, [rows[i][2] for i in batch], pad_id)
-            for i, lp in zip(batch, logprobs, strict=True):
-                e_index, c_index, _ = rows[i]
-                scores[e_index][c_index] = lp[-lengths[i] :].sum().item()
-                counts[e_index][c_index] = lengths[i]
-            if on_batch:
-                on_batch(len(batch))
-    finally:
-        model.train(was_training)
+    for e_index, example in enumerate(examples):
+        indices = [example.answer] if gold_only else range(len(example.choices))
+        for position, c_index in enumerate(indices):
+            scores[e_index][c_index] = logprobs[e_index][position]
+            counts[e_index][c_index] = len(choice_ids[e_index][c_index])
     return scores, counts
 
 
@@ -165,9 +152,11 @@ def perplexity(model: Any, token_blocks: Sequence[list[int]], batch_size: int = 
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for start in range(0, len(token_blocks), batch_size):
-        for lp in sequence_logprobs(model, token_blocks[start : start + batch_size], 0):
-            total -= lp.sum().item()
-            count += lp.numel()
-    model.train(was_training)
+    try:
+        for start in range(0, len(token_blocks), batch_size):
+            for lp in sequence_logprobs(model, token_blocks[start : start + batch_size], 0):
+                total -= lp.sum().item()
+                count += lp.numel()
+    finally:
+        model.train(was_training)
     return math.exp(total / max(count, 1))

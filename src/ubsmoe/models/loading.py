@@ -40,6 +40,7 @@ __all__ = ["LoadedModel", "load_experiment_model", "resolve_device"]
 
 CALIBRATION_BLOCK = 256
 Progress = Callable[[str], None]
+Steps = Callable[[str, int, int], None]  # (what, done, total)
 
 
 @dataclass
@@ -75,17 +76,17 @@ def _calibration(tokenizer: Any, tokens: int, seed: int) -> list[torch.Tensor]:
     return [torch.tensor(blocks)]
 
 
-def _moefy(base: nn.Module, tokenizer: Any, config: ExperimentConfig, identity: str, progress: Progress | None):
+def _moefy(base: nn.Module, tokenizer: Any, config: ExperimentConfig, identity: str, steps: Steps | None):
     from ubsmoe.models.moefication import moefy_cached
     from ubsmoe.paths import cache_dir
 
     moefication = config.moefication_config()
     calibration = _calibration(tokenizer, moefication.calibration_tokens, moefication.seed)
     report = None
-    if progress is not None:
+    if steps is not None:
 
         def report(stage: str, done: int, total: int) -> None:
-            progress(f"MoEfication: {stage} {done}/{total}")
+            steps(f"MoEfication ({stage}, once per machine)", done, total)
 
     model = moefy_cached(
         cache_dir() / "moefied",
@@ -118,8 +119,13 @@ def _local_config(directory: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{directory}: cannot read config.json ({first_line(error)})") from None
 
 
-def load_experiment_model(config: ExperimentConfig, progress: Progress | None = None) -> LoadedModel:
-    """The adapted (UB-SMoE) model and tokenizer that `config.model` names; errors are `ModelLoadError`s."""
+def load_experiment_model(
+    config: ExperimentConfig, progress: Progress | None = None, steps: Steps | None = None
+) -> LoadedModel:
+    """The adapted (UB-SMoE) model and tokenizer that `config.model` names; errors are `ModelLoadError`s.
+
+    `progress(text)` receives stage messages, `steps(what, done, total)` the progress of MoEfication.
+    """
     torch.manual_seed(config.seed)
     dtype = _dtype(config.model.dtype)
     name = config.model.name
@@ -128,7 +134,7 @@ def load_experiment_model(config: ExperimentConfig, progress: Progress | None = 
 
         base, tokenizer = load_embedded_default(dtype=dtype, progress=progress)
         torch.manual_seed(config.seed)
-        model = _moefy(base, tokenizer, config, f"{embedded_default_path()}:{config.model.dtype}", progress)
+        model = _moefy(base, tokenizer, config, f"{embedded_default_path()}:{config.model.dtype}", steps)
         kind = "moefied"
     else:
         transformers = require_transformers()
@@ -156,7 +162,7 @@ def load_experiment_model(config: ExperimentConfig, progress: Progress | None = 
             except Exception as error:
                 raise ModelLoadError(f"could not load the model from {directory}: {first_line(error)}") from error
             torch.manual_seed(config.seed)
-            model = _moefy(base, tokenizer, config, model_fingerprint(base), progress)
+            model = _moefy(base, tokenizer, config, model_fingerprint(base), steps)
             kind = "moefied"
     device = resolve_device(config.device)
     model.to(device)
