@@ -178,3 +178,15 @@ def test_no_canary_file_in_the_repository():
     )
     assert result.returncode in (0, 1), result.stderr
     assert result.stdout.strip() == "", f"files carrying the BIG-bench canary are in the repository: {result.stdout}"
+
+
+def test_the_default_tasks_are_multiple_choice_and_disjoint_from_calibration_text(cache, sdist, monkeypatch):
+    from ubsmoe.config import DEFAULT_TASKS
+    from ubsmoe.data.calibration import CALIBRATION_TASKS, HELDOUT_TASKS
+    from ubsmoe.data.multiple_choice import from_bigbench
+
+    monkeypatch.setenv(SDIST_ENV, str(sdist))
+    assert "social_iqa" in DEFAULT_TASKS and len(DEFAULT_TASKS) == 8
+    assert not set(DEFAULT_TASKS) & (set(CALIBRATION_TASKS) | set(HELDOUT_TASKS))
+    for name in DEFAULT_TASKS:
+        assert len(from_bigbench(load_bigbench_task(name), name)) >= 300, name

@@ -1,7 +1,7 @@
 """Plain text for calibrating MoEfication and for held-out perplexity, from BIG-bench task files.
 
 The two task sets are disjoint from each other and from the tasks used for fine-tuning and
-evaluation (social_iqa, strategyqa, winowhy, ...), so neither the router fit nor the perplexity
+evaluation (`ubsmoe.config.DEFAULT_TASKS`: social_iqa, winowhy, ...), so neither the router fit nor the perplexity
 sees evaluation text. Each example becomes "input target" with its gold target.
 """
 

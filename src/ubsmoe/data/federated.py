@@ -9,7 +9,8 @@
 
 Training examples are capped per task by `data.max_train_examples_per_task` (a seeded sample, so a
 cap keeps the task's label mix) and pooled; the pool is partitioned over the clients (IID, or
-Dirichlet(alpha) over the (task, answer) label, seed `data.seed`), and each client's examples are
+Dirichlet(alpha) over each example's task, or over its (task, answer index) pair with
+`data.partition_label: task_answer`; seed `data.seed`), and each client's examples are
 encoded for training (answer-only loss). Evaluation uses a seeded sample of at most
 `eval_examples_per_task` test examples per task, the same for every round and tier.
 """
@@ -45,7 +46,7 @@ class FederatedData:
     test: dict[str, list[MultipleChoice]]  # per task, the evaluation sample
     client_examples: list[list[MultipleChoice]]
     client_encoded: list[list[dict[str, list[int]]]]
-    label_histograms: list[dict[str, int]]  # "task/answer index" -> count, per client
+    label_histograms: list[dict[str, int]]  # partition label ("task" or "task/answer index") -> count, per client
     task_histograms: list[dict[str, int]]
 
     def describe(self) -> dict[str, Any]:
@@ -99,7 +100,10 @@ def federated_data(
         if not train[task] or not test[task]:
             raise DataError(f"data.tasks: task {task!r} has no training or no test examples after the split")
     pool = [example for task in section.tasks for example in train[task]]
-    labels = example_labels(pool)
+    if section.partition_label == "task":
+        labels = example_labels(pool, key=lambda example: (example.task, None))
+    else:
+        labels = example_labels(pool)
     if len(pool) < num_clients:
         raise DataError(
             f"moe.tiers: {num_clients} clients but only {len(pool)} training examples; use fewer clients or more data"
@@ -107,7 +111,10 @@ def federated_data(
     parts = partition(labels, num_clients, section.partition, section.dirichlet_alpha, section.seed)
     client_examples = [[pool[i] for i in part] for part in parts]
     client_encoded = [[encode_for_training(tokenizer, e, section.max_length) for e in part] for part in client_examples]
-    histograms = [{f"{task}/{answer}": n for (task, answer), n in h.items()} for h in label_histograms(labels, parts)]
+    histograms = [
+        {task if answer is None else f"{task}/{answer}": n for (task, answer), n in h.items()}
+        for h in label_histograms(labels, parts)
+    ]
     task_histograms = [dict(Counter(e.task for e in part)) for part in client_examples]
     return FederatedData(
         tasks=list(section.tasks),

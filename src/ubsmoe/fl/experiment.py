@@ -58,7 +58,7 @@ __all__ = [
 IMPLEMENTED_METHODS = ("ubsmoe", "ubsmoe-no-dmr", "ubsmoe-no-pg", "ubsmoe-no-reg", "smoe-naive")
 CONFIG_FILE = "config.yaml"
 INITIAL_EVAL_FILE = "initial_eval.json"
-FLOP_SAMPLES = 4
+FLOP_SAMPLES = 2
 
 
 class Reporter:

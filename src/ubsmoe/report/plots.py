@@ -62,8 +62,9 @@ def _num(value: Any) -> float | None:
 
 
 def _round_no(rnd: Mapping[str, Any], position: int) -> int:
+    """The 1-based round number people read (records store 0-based indices), as the CLI prints it."""
     value = rnd.get("round")
-    return value if isinstance(value, int) and not isinstance(value, bool) else position
+    return (value if isinstance(value, int) and not isinstance(value, bool) else position) + 1
 
 
 def _tier_label(tier: Mapping[str, Any], position: int) -> str:
@@ -123,7 +124,7 @@ def plot_accuracy_by_round(summary: Mapping[str, Any], path: str | os.PathLike) 
         evals.append((0, summary["initial"]))
     for pos, rnd in enumerate(_list(summary.get("rounds"))):
         if isinstance(rnd, Mapping) and _list(_get(rnd, "eval", "tiers")):
-            evals.append((_round_no(rnd, pos) + 1, rnd["eval"]))
+            evals.append((_round_no(rnd, pos), rnd["eval"]))
     labels = _final_tier_labels(summary)
     series: dict[Any, list[tuple[int, float, float]]] = {}
     mean_points = []
