@@ -36,7 +36,7 @@ def test_defaults_describe_the_embedded_experiment():
     assert config.data.source == "bigbench" and "social_iqa" in config.data.tasks and len(config.data.tasks) == 8
     assert config.data.partition == "dirichlet" and config.data.dirichlet_alpha == 0.5
     fed = config.federation
-    assert (fed.rounds, fed.fraction, fed.local_steps, fed.batch_size) == (3, 1.0, 5, 8)
+    assert (fed.rounds, fed.fraction, fed.local_steps, fed.batch_size) == (3, 1.0, 4, 8)
     assert (fed.optimizer.name, fed.optimizer.lr, fed.optimizer.schedule) == ("adamw", 1e-3, "cosine")
     assert config.evaluation.protocol == "loglik"
     assert config.output.dir == "runs/default"

@@ -315,7 +315,7 @@ class FederationSection(_Section):
     clients: int | None = Field(None, ge=1, description="null = the clients of moe.tiers; if set, must match")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     rounds: int = Field(3, ge=1)
-    local_steps: int = Field(5, ge=1)
+    local_steps: int = Field(4, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     max_update_norm: float | None = Field(
@@ -336,7 +336,7 @@ class BaselinesSection(_Section):
 
 class EvaluationSection(_Section):
     protocol: Literal["loglik", "generate"] = "loglik"
-    examples_per_task: int | None = Field(12, ge=1, description="held-out examples per task; null = all")
+    examples_per_task: int | None = Field(10, ge=1, description="held-out examples per task; null = all")
     batch_size: int = Field(32, ge=1, description="examples per evaluation batch")
     max_new_tokens: int = Field(32, ge=1, description="protocol 'generate' only")
     every: int = Field(1, ge=1, description="evaluate every this many rounds (the last round always)")
