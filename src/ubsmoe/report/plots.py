@@ -234,7 +234,8 @@ def plot_balance_by_round(summary: Mapping[str, Any], path: str | os.PathLike) -
             ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    ax_dead.set_ylim(bottom=0)
+    # at least 0..1 so that "no dead experts" reads as a flat line on whole numbers
+    ax_dead.set_ylim(0, max([1.0] + [d for _, d in dead_points]) * 1.1)
     ax_dead.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_dead.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_dead.set_xlabel("round")
