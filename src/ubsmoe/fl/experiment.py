@@ -170,7 +170,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
 
 
 class _Evaluator:
-    """Evaluates every tier at its K_c; restores the model's K and mode afterwards."""
+    """Evaluates every tier at its K_c (K is left at the last tier's; every client update sets its own)."""
 
     def __init__(self, loaded: LoadedModel, config: ExperimentConfig, data: FederatedData, tiers: list[Tier], reporter):
         self.loaded, self.config, self.data, self.tiers, self.reporter = loaded, config, data, tiers, reporter
