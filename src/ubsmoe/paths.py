@@ -1,4 +1,4 @@
-"""Where ubsmoe keeps files it derives or downloads (converted models, BIG-bench task files).
+"""Where ubsmoe keeps files it derives or downloads (converted models, BIG-bench task files), and atomic writes.
 
 `cache_dir()` is, in order of precedence: `$UBSMOE_CACHE`, `$XDG_CACHE_HOME/ubsmoe`, `~/.cache/ubsmoe`.
 It is created on demand. Nothing under it is ever part of the repository; deleting it is always safe
@@ -7,8 +7,11 @@ It is created on demand. Nothing under it is ever part of the repository; deleti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 CACHE_ENV = "UBSMOE_CACHE"
@@ -45,3 +48,24 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file next to `path`, flush it to disk, then rename it over `path`.
+
+    A reader sees the old file or the new one, never a partial one, whatever interrupts the write.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

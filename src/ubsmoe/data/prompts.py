@@ -98,3 +98,21 @@ def collate(features: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dic
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(ids)] = torch.as_tensor(target, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompts left-padded to a common width, on `device`.
+
+    For decoding on a KV cache: every row ends at the last column, and the position ids (the mask's
+    cumulative sum minus one) put each row's first real token at position 0 whatever its padding.
+    """
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)

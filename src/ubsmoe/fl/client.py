@@ -39,7 +39,15 @@ import torch
 from torch import nn
 
 from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state
-from ubsmoe.moe import apply_pseudo_gradients, collect_utilization, get_phi, range_loss, reset_utilization, set_top_k
+from ubsmoe.moe import (
+    apply_pseudo_gradients,
+    collect_utilization,
+    get_phi,
+    model_device,
+    range_loss,
+    reset_utilization,
+    set_top_k,
+)
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -144,12 +152,6 @@ def _batch_size(batch: Any) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 def client_update(
     model: nn.Module,
     global_state: GlobalState,
@@ -175,7 +177,7 @@ def client_update(
     reset_utilization(model)
     was_training = model.training
     model.train()
-    device = _model_device(model)
+    device = model_device(model)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "adamw":

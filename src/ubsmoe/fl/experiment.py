@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
 from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
 from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
-from ubsmoe.moe import moe_blocks, set_top_k
+from ubsmoe.moe import model_device, moe_blocks, set_top_k
+from ubsmoe.paths import write_text_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -89,12 +89,6 @@ class Tier:
     clients: tuple[int, ...]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _tiers(config: ExperimentConfig, top_ks: list[int]) -> list[Tier]:
     tier_of = config.client_tiers()
     return [
@@ -137,6 +131,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
         "router_trainable": config.moe.router_trainable,
     }
     was_training = model.training
+    device = model_device(model)
     rows = []
     for tier in tiers:
         set_top_k(model, tier.top_k)
@@ -148,7 +143,6 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
         model.train()
         with _countable(model):
             for sample in samples:
-                device = next(model.parameters()).device
                 batch = {k: v.to(device) for k, v in collate([sample], 0).items()}
 
                 def step(batch: dict[str, torch.Tensor] = batch) -> None:
@@ -284,7 +278,7 @@ def run_experiment(
         else:
             torch.manual_seed(config.seed)
             initial = evaluator(model, None)
-            _write_json(initial_path, initial)
+            write_text_atomic(initial_path, json.dumps(initial, indent=2) + "\n")
 
     def evaluate(model: nn.Module, round: int) -> dict[str, Any]:
         return evaluator(model, round) if _due(config, round) else {}

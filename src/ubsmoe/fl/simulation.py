@@ -39,7 +39,6 @@ import math
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,7 @@ from ubsmoe.fl.client import ClientSettings, client_update
 from ubsmoe.fl.payload import ClientUpdate, GlobalState, global_state_from_model, load_global_state
 from ubsmoe.fl.server import aggregate_round, delta_norm, sample_clients, validate_update
 from ubsmoe.metrics.communication import payload_bytes
+from ubsmoe.paths import write_text_atomic
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -228,12 +228,7 @@ def _truncate_metrics(path: Path, next_round: int) -> None:
             continue  # a line cut by the interruption
         if isinstance(line, dict) and isinstance(line.get("round"), int) and line["round"] < next_round:
             kept.append(raw + "\n")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def _client_line(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import choice_text, collate, encode_text, pad_token_id
 from ubsmoe.metrics.scoring import choice_logprobs
+from ubsmoe.moe.model import model_device
 
 PROTOCOLS = ("loglik", "generate")
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
@@ -27,7 +28,7 @@ Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 def sequence_logprobs(model: Any, sequences: Sequence[list[int]], pad_id: int) -> list[torch.Tensor]:
     """Per-token log-probabilities of tokens 1..n-1 of each sequence under the model (right-padded batch)."""
     batch = collate([{"input_ids": seq, "labels": seq} for seq in sequences], pad_id)
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ubsmoe.data.multiple_choice import MultipleChoice
-from ubsmoe.data.prompts import encode_text, pad_token_id
+from ubsmoe.data.prompts import encode_text, left_pad, pad_token_id
+from ubsmoe.moe.model import model_device
 
 
 def _choice_regex(choices: Sequence[str]) -> re.Pattern[str] | None:
@@ -56,14 +57,6 @@ def first_choice_match(text: str, choices: Sequence[str]) -> int | None:
     return int(match.lastgroup[1:])
 
 
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def greedy_generate(
     model: Any,
@@ -82,15 +75,8 @@ def greedy_generate(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
-    device = _model_device(model)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    device = model_device(model)
+    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
 
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

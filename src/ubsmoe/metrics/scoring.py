@@ -27,13 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return parameter.device if parameter is not None else torch.device("cpu")
+from ubsmoe.data.prompts import left_pad
+from ubsmoe.moe.model import model_device
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -63,14 +58,8 @@ def _score_batch(
 ) -> list[list[float]]:
     """Summed log-probabilities of every choice of one batch of examples (prompts non-empty)."""
     rows = len(prompts)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-        prompt_mask[row, width - len(prompt) :] = 1
-    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, prompt_mask, position_ids = left_pad(prompts, pad_id, device)
+    width = input_ids.shape[1]
     extra = {"logits_to_keep": 1} if logits_to_keep else {}
     output = model(
         input_ids=input_ids,
@@ -147,7 +136,7 @@ def choice_logprobs(
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty: a prompt must have at least one token to score choices after")
-    device = _model_device(model)
+    device = model_device(model)
     logits_to_keep = _accepts_logits_to_keep(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[list[float]] = [[] for _ in prompts]

@@ -39,13 +39,11 @@ Merged export (`export_merged`)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +54,7 @@ import torch
 from torch import nn
 
 from ubsmoe.moe import UBSMoEBlock
+from ubsmoe.paths import atomic_write, write_text_atomic
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,28 +79,10 @@ class LoadResult(NamedTuple):
 
 
 # ---- atomic files ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file next to `path`, flush it to disk, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ---- trainable state -------------------------------------------------------------------------------
@@ -188,7 +169,7 @@ def save_trainable_state(
     }
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / ADAPTER_WEIGHTS, tensors, {"format": "pt", "producer": ADAPTER_FORMAT})
-    _write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -488,13 +469,15 @@ def export_merged(
     index = directory / "model.safetensors.index.json"
     if len(shards) > 1:
         total = sum(e.nbytes for e in entries)
-        _write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        write_text_atomic(
+            index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
     for stale in _stale_weight_files(directory, set(names) | ({index.name} if len(shards) > 1 else set())):
         stale.unlink()
-    _write_text(directory / "config.json", config.to_json_string(use_diff=True))
+    write_text_atomic(directory / "config.json", config.to_json_string(use_diff=True))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
-        _write_text(directory / "generation_config.json", generation_config.to_json_string(use_diff=True))
+        write_text_atomic(directory / "generation_config.json", generation_config.to_json_string(use_diff=True))
     return directory
 
 

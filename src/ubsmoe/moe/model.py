@@ -8,6 +8,13 @@ from torch import nn
 from ubsmoe.moe.block import UBSMoEBlock
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
 def moe_blocks(model: nn.Module) -> list[UBSMoEBlock]:
     """The model's UB-SMoE blocks in module order (one per MoE layer)."""
     return [m for m in model.modules() if isinstance(m, UBSMoEBlock)]

@@ -17,14 +17,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import statistics
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ubsmoe.paths import write_text_atomic
 
 __all__ = ["SUMMARY_FILE", "build_summary", "package_versions", "write_outputs", "write_summary"]
 
@@ -182,9 +182,7 @@ def build_summary(
 
 def write_summary(summary: Mapping[str, Any], out: Path) -> Path:
     path = out / SUMMARY_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     return path
 
 
