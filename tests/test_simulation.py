@@ -83,7 +83,7 @@ def assert_same_state(a: GlobalState, b: GlobalState) -> None:
     assert torch.equal(a.phi, b.phi)
 
 
-def evaluate(model, round):
+def evaluate(model, round, state):
     # a deterministic evaluation that also consumes torch randomness (seeded by the simulation)
     ids = torch.randint(3, 128, (2, 8))
     with torch.no_grad():

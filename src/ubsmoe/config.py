@@ -326,10 +326,16 @@ class FederationSection(_Section):
 
 
 class BaselinesSection(_Section):
-    """Hyper-parameters used only by baselines (placeholders until tuned)."""
+    """Hyper-parameters used only by baselines (their papers' usual values; not tuned here)."""
 
     load_balance_coef: float = Field(0.01, ge=0.0, description="SMoE-LLB: weight of the Switch load-balancing loss")
     hetlora_penalty: float = Field(1e-3, ge=0.0, description="HetLoRA: weight of the rank self-pruning penalty")
+    hetlora_gamma: float = Field(
+        0.5, gt=0.0, le=1.0, description="HetLoRA: the tail starts at floor(gamma * r); pruning keeps that many"
+    )
+    hetlora_prune_ratio: float = Field(
+        0.05, ge=0.0, le=1.0, description="HetLoRA: prune when the tail holds less than this share of the adapter"
+    )
     florist_energy: float = Field(0.9, gt=0.0, le=1.0, description="FLoRIST: singular-value energy threshold tau")
     a3smoe_exponent: float = Field(1.0, ge=0.0, description="A3SMoE: exponent t of the activation frequency")
 
@@ -508,6 +514,8 @@ class ExperimentConfig(_Section):
             pg_kappa=self.pseudo_gradient.kappa,
             pg_rho_form=self.pseudo_gradient.rho_form,
             implementation=self.moe.implementation,
+            load_balance_coef=self.baselines.load_balance_coef if self.method == "smoe-llb" else 0.0,
+            output_rescale=self.method == "a3smoe",
         )
 
     def moefication_config(self) -> MoEficationConfig:

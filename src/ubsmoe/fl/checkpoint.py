@@ -3,7 +3,8 @@
 Layout: `<directory>/round_XXXX/` holds the global state after XXXX completed rounds (so its
 `GlobalState.round` is XXXX, the 0-based index of the next round):
 
-- `state.safetensors`: the adapters (keys `adapters.<module path>`) and phi (key `phi`);
+- `state.safetensors`: the adapters (keys `adapters.<module path>`), phi (key `phi`) and a baseline's
+  method state (keys `method.<name>`, see `ubsmoe.fl.methods`);
 - `meta.json`: format, round, the SHA-256 and size of `state.safetensors`, the RNG states of torch,
   Python `random` and numpy (JSON data; `restore_rng_states` puts them back) and the caller's `extra`.
 
@@ -48,6 +49,7 @@ CHECKPOINT_FORMAT = "ubsmoe-checkpoint-v1"
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _ADAPTER_PREFIX = "adapters."
+_METHOD_PREFIX = "method."
 _PHI_KEY = "phi"
 _NAME = re.compile(r"^round_(\d{4,})$")
 
@@ -153,6 +155,12 @@ def save_checkpoint(
         tensors = {
             f"{_ADAPTER_PREFIX}{k}": v.detach().cpu().contiguous().clone() for k, v in global_state.adapters.items()
         }
+        tensors.update(
+            {
+                f"{_METHOD_PREFIX}{k}": v.detach().cpu().contiguous().clone()
+                for k, v in global_state.method_state.items()
+            }
+        )
         tensors[_PHI_KEY] = global_state.phi.detach().cpu().contiguous().clone()
         save_file(tensors, str(tmp / STATE_FILE), metadata={"format": CHECKPOINT_FORMAT, "round": str(round)})
         _fsync_file(tmp / STATE_FILE)
@@ -237,8 +245,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GlobalState, dict[str
         raise CheckpointError(f"{where} is corrupt: cannot read {STATE_FILE} ({error})") from None
     if _PHI_KEY not in tensors:
         raise CheckpointError(f"{where} is corrupt: {STATE_FILE} has no {_PHI_KEY!r} tensor")
-    unknown = [k for k in tensors if k != _PHI_KEY and not k.startswith(_ADAPTER_PREFIX)]
+    unknown = [k for k in tensors if k != _PHI_KEY and not k.startswith((_ADAPTER_PREFIX, _METHOD_PREFIX))]
     if unknown:
         raise CheckpointError(f"{where} is corrupt: {STATE_FILE} has an unexpected tensor {unknown[0]!r}")
     adapters = {k[len(_ADAPTER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_ADAPTER_PREFIX)}
-    return GlobalState(adapters=adapters, phi=tensors[_PHI_KEY], round=meta["round"]), meta
+    method_state = {k[len(_METHOD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_METHOD_PREFIX)}
+    return GlobalState(adapters=adapters, phi=tensors[_PHI_KEY], round=meta["round"], method_state=method_state), meta

@@ -38,9 +38,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state
+from ubsmoe.fl.methods import MethodSettings, next_rank, rank_penalty, zero_tail
+from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state, local_parameters
 from ubsmoe.moe import (
     apply_pseudo_gradients,
+    balance_loss,
     collect_utilization,
     get_phi,
     model_device,
@@ -162,17 +164,29 @@ def client_update(
     *,
     num_examples: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    method: MethodSettings | None = None,
+    rank: int | None = None,
 ) -> ClientUpdate:
     """Train `model` from `global_state` for one local round at K_c = `top_k`; see the module docstring.
 
-    `on_step(n)` is called after the n-th local step (for progress bars).
+    `on_step(n)` is called after the n-th local step (for progress bars). Baselines (`method`): the
+    client's `local_state` (A3SMoE's output scales) comes in through `global_state.method_state` (ones
+    when absent) and goes back in `ClientUpdate.local_state`; a rank method keeps the components past
+    `rank` at zero, adds HetLoRA's self-pruning penalty and reports HetLoRA's `next_rank`. SMoE-LLB's
+    load-balancing loss comes from the blocks (`balance_loss`).
     """
+    method = method or MethodSettings()
     if not isinstance(settings, ClientSettings):
         settings = ClientSettings.from_config(settings)
     round_index = global_state.round if settings.round is None else settings.round
     lr = round_lr(settings.lr, settings.min_lr, round_index, settings.total_rounds, settings.schedule)
 
     load_global_state(model, global_state)
+    local = local_parameters(model)
+    with torch.no_grad():
+        for key, parameter in local.items():
+            parameter.copy_(global_state.method_state.get(key, torch.ones_like(parameter)))
+    rank = rank if method.uses_ranks else None
     set_top_k(model, top_k)
     reset_utilization(model)
     was_training = model.training
@@ -180,6 +194,7 @@ def client_update(
     device = model_device(model)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
+    adapters = adapter_parameters(model)
     if settings.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay)
     else:
@@ -204,13 +219,18 @@ def client_update(
             lm_loss = output.loss
             if lm_loss is None:
                 raise ValueError("the model returned no loss: every batch needs 'labels'")
-            loss = lm_loss + range_loss(model).to(lm_loss.device)
+            loss = lm_loss + range_loss(model).to(lm_loss.device) + balance_loss(model).to(lm_loss.device)
+            penalty = rank_penalty(method, adapters, rank) if rank is not None else None
+            if penalty is not None:
+                loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             apply_pseudo_gradients(model)
             if settings.grad_clip is not None and parameters:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
             optimizer.step()
+            if rank is not None:
+                zero_tail(adapters, rank)
             losses.append(float(loss.detach()))
             lm_losses.append(float(lm_loss.detach()))
             if on_step is not None:
@@ -224,8 +244,9 @@ def client_update(
         deltas = {
             key: parameter.detach().to("cpu", dtype=global_state.adapters[key].dtype, copy=True)
             - global_state.adapters[key]
-            for key, parameter in adapter_parameters(model).items()
+            for key, parameter in adapters.items()
         }
+        local_state = {key: parameter.detach().to("cpu", copy=True) for key, parameter in local.items()}
     utilization = collect_utilization(model)
     distinct = cycle.pass_examples if cycle.wrapped else processed
     steps = len(losses)
@@ -240,6 +261,10 @@ def client_update(
         "examples_processed": float(processed),
         "tokens_processed": float(tokens),
     }
+    if rank is not None:
+        metrics["rank"] = float(rank)
+        if method.name == "hetlora":
+            metrics["next_rank"] = float(next_rank(method, adapters, rank))
     return ClientUpdate(
         client_id=client_id,
         adapter_deltas=deltas,
@@ -249,4 +274,6 @@ def client_update(
         num_examples=int(num_examples) if num_examples is not None else distinct,
         top_k=top_k,
         metrics=metrics,
+        rank=rank,
+        local_state=local_state,
     )

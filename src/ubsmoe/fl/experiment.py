@@ -34,10 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
 from ubsmoe.data.federated import FederatedData, federated_data
 from ubsmoe.data.prompts import collate, pad_token_id
 from ubsmoe.fl.checkpoint import latest_checkpoint
+from ubsmoe.fl.methods import MethodSettings, client_rank, tier_view
+from ubsmoe.fl.payload import GlobalState, load_global_state
 from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
 from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
 from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
@@ -47,7 +49,6 @@ from ubsmoe.paths import write_text_atomic
 
 __all__ = [
     "CONFIG_FILE",
-    "IMPLEMENTED_METHODS",
     "INITIAL_EVAL_FILE",
     "Reporter",
     "Tier",
@@ -55,7 +56,6 @@ __all__ = [
     "run_experiment",
 ]
 
-IMPLEMENTED_METHODS = ("ubsmoe", "ubsmoe-no-dmr", "ubsmoe-no-pg", "ubsmoe-no-reg", "smoe-naive")
 CONFIG_FILE = "config.yaml"
 INITIAL_EVAL_FILE = "initial_eval.json"
 FLOP_SAMPLES = 2
@@ -87,12 +87,21 @@ class Tier:
     budget: float
     top_k: int
     clients: tuple[int, ...]
+    rank: int
+    """The tier's LoRA rank (r_c under a rank method, else lora.rank)."""
 
 
 def _tiers(config: ExperimentConfig, top_ks: list[int]) -> list[Tier]:
     tier_of = config.client_tiers()
+    ranks = config.client_ranks()
     return [
-        Tier(i, t.budget, top_ks[tier_of.index(i)], tuple(c for c, ti in enumerate(tier_of) if ti == i))
+        Tier(
+            i,
+            t.budget,
+            top_ks[tier_of.index(i)],
+            tuple(c for c, ti in enumerate(tier_of) if ti == i),
+            ranks[tier_of.index(i)],
+        )
         for i, t in enumerate(config.moe.tiers)
     ]
 
@@ -136,8 +145,10 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
     for tier in tiers:
         set_top_k(model, tier.top_k)
 
-        def per_sample(length: int, top_k: int = tier.top_k) -> float:
-            return flops_per_token(dims, top_k, seq_len=length, **options)["total"] * length
+        tier_options = {**options, "lora_rank": tier.rank}
+
+        def per_sample(length: int, top_k: int = tier.top_k, tier_options: dict = tier_options) -> float:
+            return flops_per_token(dims, top_k, seq_len=length, **tier_options)["total"] * length
 
         measured = 0
         model.train()
@@ -156,7 +167,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
                 "measured": measured / len(samples),
                 "analytic_same_samples": sum(per_sample(len(s["input_ids"])) for s in samples) / len(samples),
                 "tokens_per_sample": mean_length,
-                "per_token": flops_per_token(dims, tier.top_k, seq_len=round(mean_length), **options),
+                "per_token": flops_per_token(dims, tier.top_k, seq_len=round(mean_length), **tier_options),
             }
         )
     model.train(was_training)
@@ -164,7 +175,10 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
 
 
 class _Evaluator:
-    """Evaluates every tier at its K_c (K is left at the last tier's; every client update sets its own)."""
+    """Evaluates every tier at its K_c with the model its clients hold (`ubsmoe.fl.methods.tier_view`).
+
+    K and the adapters are left at the last tier's; the simulation reloads the global state after it.
+    """
 
     def __init__(self, loaded: LoadedModel, config: ExperimentConfig, data: FederatedData, tiers: list[Tier], reporter):
         self.loaded, self.config, self.data, self.tiers, self.reporter = loaded, config, data, tiers, reporter
@@ -176,13 +190,19 @@ class _Evaluator:
             self.heldout = token_blocks(loaded.tokenizer, texts, 256, config.evaluation.heldout_tokens, config.seed)
         per_example = (lambda e: len(e.choices)) if config.evaluation.protocol == "loglik" else (lambda e: 1)
         self.units = sum(per_example(e) for examples in data.test.values() for e in examples)
+        self.method = MethodSettings.from_config(config)
 
-    def __call__(self, model: nn.Module, round: int | None) -> dict[str, Any]:
+    def __call__(self, model: nn.Module, round: int | None, state: GlobalState | None = None) -> dict[str, Any]:
         label = "before training" if round is None else f"after round {round + 1}"
         self.reporter.evaluation_started(f"evaluating {len(self.tiers)} tiers {label}", self.units * len(self.tiers))
         results = []
         try:
             for tier in self.tiers:
+                if state is not None and (self.method.uses_ranks or self.method.name == "a3smoe"):
+                    rank = client_rank(self.method, state, tier.clients[0], tier.rank)
+                    view = tier_view(self.method, state, rank, tier.clients)
+                    load_global_state(model, view)
+                    _load_local(model, view)
                 set_top_k(model, tier.top_k)
                 result = evaluate_tasks(
                     model,
@@ -195,7 +215,9 @@ class _Evaluator:
                 )
                 if self.heldout:
                     result["heldout_perplexity"] = perplexity(model, self.heldout)
-                results.append({"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, **result})
+                results.append(
+                    {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": tier.rank, **result}
+                )
         finally:
             self.reporter.evaluation_finished()
         accuracies = [r["accuracy"] for r in results]
@@ -211,20 +233,35 @@ class _Evaluator:
         }
 
 
+@torch.no_grad()
+def _load_local(model: nn.Module, view: GlobalState) -> None:
+    """A tier's client-local tensors (A3SMoE's mean output scales; ones when its clients have none yet)."""
+    from ubsmoe.fl.payload import local_parameters
+
+    for key, parameter in local_parameters(model).items():
+        parameter.copy_(view.method_state.get(key, torch.ones_like(parameter)))
+
+
 def _due(config: ExperimentConfig, round: int) -> bool:
     last = round == config.federation.rounds - 1
     return last or (round + 1) % config.evaluation.every == 0
+
+
+def _initial_state(model: nn.Module, config: ExperimentConfig) -> GlobalState:
+    from ubsmoe.fl.methods import initial_method_state
+    from ubsmoe.fl.payload import global_state_from_model
+
+    state = global_state_from_model(model)
+    state.method_state = initial_method_state(MethodSettings.from_config(config), config.client_ranks())
+    return state
 
 
 def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | None, resume: bool) -> ExperimentConfig:
     """The run's configuration: saved into a fresh OUT, or read back from OUT on resume (ConfigError otherwise)."""
     out = Path(out_dir)
     saved = out / CONFIG_FILE
-    if config is not None and config.method not in IMPLEMENTED_METHODS:
-        raise ConfigError(
-            f"method = {config.method!r}: not runnable yet (the other baselines come with `ubsmoe compare`); "
-            f"runnable: {', '.join(IMPLEMENTED_METHODS)}"
-        )
+    if config is not None and config.method not in METHODS:
+        raise ConfigError(f"method = {config.method!r}: unknown; choose one of {', '.join(METHODS)}")
     if resume:
         if not saved.is_file():
             raise ConfigError(f"--resume {out}: no {CONFIG_FILE} there; it is not the folder of a `ubsmoe run`")
@@ -277,11 +314,11 @@ def run_experiment(
             initial = json.loads(initial_path.read_text(encoding="utf-8"))
         else:
             torch.manual_seed(config.seed)
-            initial = evaluator(model, None)
+            initial = evaluator(model, None, _initial_state(model, config))
             write_text_atomic(initial_path, json.dumps(initial, indent=2) + "\n")
 
-    def evaluate(model: nn.Module, round: int) -> dict[str, Any]:
-        return evaluator(model, round) if _due(config, round) else {}
+    def evaluate(model: nn.Module, round: int, state: GlobalState) -> dict[str, Any]:
+        return evaluator(model, round, state) if _due(config, round) else {}
 
     records = run_simulation(
         model,

@@ -11,7 +11,10 @@ The in-process simulation and the Flower apps send exactly these structures:
 `ClientUpdate` (client -> server)
     `adapter_deltas` (local minus global, same keys, shapes and dtypes as `GlobalState.adapters`),
     the client's `phi` (L, M) after local training, its utilization `counts` (L, M) and `tokens` (L,)
-    (DESIGN 2.2 step 6), `num_examples` (its FedAvg weight), its `top_k` (K_c) and `metrics`.
+    (DESIGN 2.2 step 6), `num_examples` (its FedAvg weight), its `top_k` (K_c) and `metrics`; for
+    the rank baselines its LoRA `rank` (the deltas are then relative to the adapters it started from,
+    `ubsmoe.fl.methods.start_adapters`), and `local_state`, tensors the client keeps for itself
+    (A3SMoE's output scales; the simulation stores them for it).
 
 Every tensor in a payload is a detached CPU copy: no payload shares storage with a model.
 """
@@ -28,6 +31,8 @@ from ubsmoe.models.state import trainable_parameters, trainable_state
 from ubsmoe.moe import get_phi, moe_blocks, set_phi
 
 PHI_SUFFIX = ".phi"
+LOCAL_SUFFIXES = (".output_scale",)
+"""Trainable tensors a client keeps for itself (never aggregated): A3SMoE's output scales."""
 
 __all__ = [
     "PHI_SUFFIX",
@@ -35,7 +40,9 @@ __all__ = [
     "GlobalState",
     "adapter_parameters",
     "global_state_from_model",
+    "is_local_key",
     "is_phi_key",
+    "local_parameters",
     "load_global_state",
     "split_trainable_state",
 ]
@@ -48,6 +55,7 @@ class GlobalState:
     adapters: dict[str, torch.Tensor]
     phi: torch.Tensor
     round: int = 0
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +70,8 @@ class ClientUpdate:
     num_examples: int
     top_k: int
     metrics: dict[str, float] = field(default_factory=dict)
+    rank: int | None = None
+    local_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def is_phi_key(key: str) -> bool:
@@ -69,16 +79,26 @@ def is_phi_key(key: str) -> bool:
     return key == "phi" or key.endswith(PHI_SUFFIX)
 
 
+def is_local_key(key: str) -> bool:
+    """Whether a trainable-state key is client-local (see LOCAL_SUFFIXES)."""
+    return key.endswith(LOCAL_SUFFIXES)
+
+
 def split_trainable_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(adapters, phis): a trainable state split into the non-phi tensors and the per-block phi tensors."""
-    adapters = {k: v for k, v in state.items() if not is_phi_key(k)}
+    """(adapters, phis): the aggregated non-phi tensors and the per-block phi tensors (local tensors left out)."""
+    adapters = {k: v for k, v in state.items() if not is_phi_key(k) and not is_local_key(k)}
     phis = {k: v for k, v in state.items() if is_phi_key(k)}
     return adapters, phis
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The model's parameters behind `GlobalState.adapters` (the trainable state without phi), by key."""
-    return {k: p for k, p in trainable_parameters(model).items() if not is_phi_key(k)}
+    return {k: p for k, p in trainable_parameters(model).items() if not is_phi_key(k) and not is_local_key(k)}
+
+
+def local_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's client-local trainable parameters (A3SMoE's output scales), by key."""
+    return {k: p for k, p in trainable_parameters(model).items() if is_local_key(k)}
 
 
 def global_state_from_model(model: nn.Module, round: int = 0) -> GlobalState:

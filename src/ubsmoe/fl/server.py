@@ -3,7 +3,8 @@
 - `sample_clients`: the round's participants, seeded by (seed, round).
 - `validate_update`: why an update must be dropped (None when it is fine); never raises.
 - `aggregate_round`: drop bad updates (with their reasons), FedAvg of the adapter deltas weighted by
-  num_examples, DMR update of phi (or phi kept when DMR is off) and a utilization report.
+  num_examples (or a baseline's own rule, `ubsmoe.fl.methods.aggregate_adapters`), DMR update of phi
+  (or phi kept when DMR is off) and a utilization report.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.fl.aggregation.fedavg import fedavg
+from ubsmoe.fl.methods import MethodSettings, aggregate_adapters
 from ubsmoe.fl.payload import ClientUpdate, GlobalState
 from ubsmoe.moe import dead_experts, dmr_update, global_utilization, utilization_cv
 
@@ -56,10 +57,15 @@ def _integer_tensor(t: torch.Tensor) -> bool:
     return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
 
 
-def validate_update(update: Any, global_state: GlobalState, max_norm: float | None = None) -> str | None:
+def validate_update(
+    update: Any, global_state: GlobalState, max_norm: float | None = None, method: MethodSettings | None = None
+) -> str | None:
     """A clear reason why `update` must be dropped, or None when it can be aggregated."""
     try:
-        return _problem(update, global_state, max_norm)
+        problem = _problem(update, global_state, max_norm)
+        if problem is None and method is not None and method.uses_ranks:
+            problem = _rank_problem(update, global_state)
+        return problem
     except Exception as error:  # a malformed payload must never crash the server
         return f"malformed update ({type(error).__name__}: {error})"
 
@@ -135,6 +141,14 @@ def _problem(update: Any, state: GlobalState, max_norm: float | None) -> str | N
     return None
 
 
+def _rank_problem(update: ClientUpdate, state: GlobalState) -> str | None:
+    ranks = {int(v.shape[-2]) for k, v in state.adapters.items() if ".lora_A." in k}
+    r_max = max(ranks) if ranks else 0
+    if not _is_int(update.rank) or not 1 <= update.rank <= r_max:
+        return f"rank must be an integer in [1, {r_max}] for a rank method, got {update.rank!r}"
+    return None
+
+
 def aggregate_round(
     global_state: GlobalState,
     updates: Sequence[ClientUpdate],
@@ -143,11 +157,13 @@ def aggregate_round(
     max_norm: float | None = None,
     *,
     dmr: bool = True,
+    method: MethodSettings | None = None,
 ) -> tuple[GlobalState, dict[str, Any]]:
     """The new global state from one round's updates, and a JSON-friendly report.
 
     Bad updates (see `validate_update`) are dropped with their reason; the rest are aggregated:
-    adapters = global + FedAvg(deltas; weights num_examples); phi = `dmr_update(...)` when `dmr`,
+    adapters = global + FedAvg(deltas; weights num_examples), or the rule of `method` (a baseline,
+    `ubsmoe.fl.methods`), which may also change `method_state`; phi = `dmr_update(...)` when `dmr`,
     else the global phi. With no valid update the adapters and phi stay as they were. The returned
     state's round is `global_state.round + 1` in both cases (the round took place).
 
@@ -159,7 +175,7 @@ def aggregate_round(
     accepted: list[ClientUpdate] = []
     dropped: list[dict[str, Any]] = []
     for update in updates:
-        reason = validate_update(update, global_state, max_norm)
+        reason = validate_update(update, global_state, max_norm, method)
         if reason is None:
             accepted.append(update)
         else:
@@ -179,13 +195,16 @@ def aggregate_round(
             adapters={k: v.clone() for k, v in global_state.adapters.items()},
             phi=global_state.phi.clone(),
             round=global_state.round + 1,
+            method_state={k: v.clone() for k, v in global_state.method_state.items()},
         )
         return unchanged, report
 
     weights = [float(u.num_examples) for u in accepted]
     total = sum(weights)
-    averaged = fedavg([u.adapter_deltas for u in accepted], weights) if global_state.adapters else {}
-    adapters = {k: (v + averaged[k].to(v.dtype)).to(v.dtype) for k, v in global_state.adapters.items()}
+    if global_state.adapters:
+        adapters, method_state, method_report = aggregate_adapters(method or MethodSettings(), global_state, accepted)
+    else:
+        adapters, method_state, method_report = {}, dict(global_state.method_state), {}
     if dmr:
         phi = dmr_update(
             [u.phi for u in accepted],
@@ -214,8 +233,10 @@ def aggregate_round(
             for layer in range(rates.shape[0])
         ],
         message=f"aggregated {len(accepted)} of {len(updates)} update(s)",
+        **method_report,
     )
-    return GlobalState(adapters=adapters, phi=phi, round=global_state.round + 1), report
+    new_state = GlobalState(adapters=adapters, phi=phi, round=global_state.round + 1, method_state=method_state)
+    return new_state, report
 
 
 def _client_id(update: Any) -> Any:

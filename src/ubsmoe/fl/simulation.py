@@ -50,7 +50,22 @@ from torch import nn
 from ubsmoe.data.prompts import collate
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
 from ubsmoe.fl.client import ClientSettings, client_update
-from ubsmoe.fl.payload import ClientUpdate, GlobalState, global_state_from_model, load_global_state
+from ubsmoe.fl.methods import (
+    BaseMerger,
+    MethodSettings,
+    client_rank,
+    client_start,
+    initial_method_state,
+    sent_tensors,
+    uploaded_tensors,
+)
+from ubsmoe.fl.payload import (
+    ClientUpdate,
+    GlobalState,
+    adapter_parameters,
+    global_state_from_model,
+    load_global_state,
+)
 from ubsmoe.fl.server import aggregate_round, delta_norm, sample_clients, validate_update
 from ubsmoe.metrics.communication import payload_bytes
 from ubsmoe.paths import write_text_atomic
@@ -192,6 +207,8 @@ def _fingerprint(
     run: dict[str, Any],
     max_norm: float | None,
     pad_id: int,
+    method: MethodSettings,
+    client_ranks: Sequence[int],
 ) -> dict[str, Any]:
     data_hash = hashlib.sha256(json.dumps(_jsonable(list(client_data)), sort_keys=True).encode("utf-8")).hexdigest()
     return _normalised(
@@ -204,6 +221,8 @@ def _fingerprint(
             **{k: v for k, v in run.items() if k != "rounds"},
             "max_norm": max_norm,
             "pad_id": pad_id,
+            "method": dataclasses.asdict(method),
+            "client_ranks": list(client_ranks),
         }
     )
 
@@ -232,7 +251,14 @@ def _truncate_metrics(path: Path, next_round: int) -> None:
 
 
 def _client_line(
-    round: int, client: int, update: Any, top_k: int, reason: str | None, state: GlobalState
+    round: int,
+    client: int,
+    update: Any,
+    top_k: int,
+    reason: str | None,
+    state: GlobalState,
+    method: MethodSettings,
+    rank: int | None,
 ) -> dict[str, Any]:
     metrics = getattr(update, "metrics", None)
     line: dict[str, Any] = {
@@ -242,10 +268,10 @@ def _client_line(
         "num_examples": getattr(update, "num_examples", None),
         "accepted": reason is None,
         "drop_reason": reason,
-        "download_bytes": payload_bytes(state.adapters, state.phi),
+        "download_bytes": payload_bytes(sent_tensors(method, state, rank), state.phi),
     }
     if isinstance(update, ClientUpdate):
-        line["upload_bytes"] = payload_bytes(update.adapter_deltas, update.phi, update.counts, update.tokens)
+        line["upload_bytes"] = payload_bytes(uploaded_tensors(method, update), update.phi, update.counts, update.tokens)
     if reason is None:
         line["delta_norm"] = delta_norm(update.adapter_deltas)
     if isinstance(metrics, Mapping):
@@ -280,6 +306,8 @@ def run_simulation(
     dmr: bool | None = None,
     max_norm: float | None = None,
     keep_checkpoints: int | None = None,
+    method: MethodSettings | None = None,
+    client_ranks: Sequence[int] | None = None,
 ) -> SimulationRecords:
     """Run (or continue) a federated simulation on `model`; see the module docstring.
 
@@ -290,8 +318,8 @@ def run_simulation(
         settings: `ClientSettings`, or an `ExperimentConfig` (which also supplies the defaults of
             rounds, fraction, seed, batch_size, zeta, eps and dmr). With `ClientSettings` the defaults
             are rounds = settings.total_rounds, fraction 1, seed 0, batch_size 8, zeta 0.9, eps 1e-6, dmr on.
-        evaluate: called as `evaluate(model, round)` after each round's aggregation (model holds the new
-            global state); its JSON-able dict goes to the record's "eval".
+        evaluate: called as `evaluate(model, round, state)` after each round's aggregation (model holds
+            the new global state, `state`); its JSON-able dict goes to the record's "eval".
         on_round: called with each round's record after its checkpoint is written.
         on_round_start: called as `on_round_start(round, participants)` when a round begins.
         on_step: called as `on_step(round, client, step)` after each local step (for progress bars).
@@ -299,6 +327,8 @@ def run_simulation(
         pad_id: padding id for `collate` (default: model.config.pad_token_id, else 0).
         max_norm: drop updates whose delta norm exceeds it (`validate_update`).
         keep_checkpoints: keep only this many newest checkpoints (None = all).
+        method: the method's settings (`ubsmoe.fl.methods`); default from an ExperimentConfig, else UB-SMoE.
+        client_ranks: each client's LoRA rank under a rank method (default from an ExperimentConfig).
 
     Returns the records of all rounds (restored ones included): round, clients, accepted, dropped
     ([{client_id, reason}]), client_metrics (the metrics.jsonl lines of the round), train (the
@@ -308,11 +338,17 @@ def run_simulation(
     """
     client_settings, run = _resolve(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
     _check_inputs(client_data, client_top_ks, run)
+    if method is None:
+        method = MethodSettings(seed=run["seed"]) if isinstance(settings, ClientSettings) else None
+        method = method or MethodSettings.from_config(settings)
+    if client_ranks is None:
+        client_ranks = [0] * len(client_data) if isinstance(settings, ClientSettings) else settings.client_ranks()
+    merger = BaseMerger(model) if method.merges_into_base else None
     if pad_id is None:
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     total_rounds, run_seed = run["rounds"], run["seed"]
-    fingerprint = _fingerprint(client_data, client_top_ks, client_settings, run, max_norm, pad_id)
+    fingerprint = _fingerprint(client_data, client_top_ks, client_settings, run, max_norm, pad_id, method, client_ranks)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +370,11 @@ def run_simulation(
         saved_records = meta["extra"].get("records")
         if not isinstance(saved_records, list) or len(saved_records) != state.round:
             raise ValueError(f"cannot resume from {str(found)!r}: its records do not cover its {state.round} round(s)")
+        order = list(adapter_parameters(model))  # a checkpoint returns its keys sorted as text
+        state.adapters = {k: state.adapters[k] for k in order if k in state.adapters} | state.adapters
         load_global_state(model, state)
+        if merger is not None:
+            merger.apply(state)
         restore_rng_states(meta["rng"])
         records.extend(saved_records)
         records.resumed_from, records.checkpoint = state.round, str(found)
@@ -346,6 +386,7 @@ def run_simulation(
                 "pass resume=True to continue it, or use an empty output folder"
             )
         state = global_state_from_model(model, round=0)
+        state.method_state = initial_method_state(method, client_ranks)
         if metrics_path.exists():
             metrics_path.unlink()
 
@@ -358,6 +399,7 @@ def run_simulation(
         if on_round_start is not None:
             on_round_start(round_index, list(participants))
         updates = []
+        ranks = {c: client_rank(method, state, c, client_ranks[c]) if method.uses_ranks else None for c in participants}
         for client in participants:
             batches = client_batches(client_data[client], run["batch_size"], run_seed, round_index, client, pad_id)
             torch.manual_seed(derive_seed(run_seed, round_index, client))
@@ -367,25 +409,46 @@ def run_simulation(
                 def step_hook(step: int, _round: int = round_index, _client: int = client) -> None:
                     on_step(_round, _client, step)
 
+            start = client_start(method, state, ranks[client], client)
             updates.append(
-                client_update(model, state, batches, client_top_ks[client], client_settings, client, on_step=step_hook)
+                client_update(
+                    model,
+                    start,
+                    batches,
+                    client_top_ks[client],
+                    client_settings,
+                    client,
+                    on_step=step_hook,
+                    method=method,
+                    rank=ranks[client],
+                )
             )
 
         new_state, report = aggregate_round(
-            state, updates, zeta=run["zeta"], eps=run["eps"], max_norm=max_norm, dmr=run["dmr"]
+            state, updates, zeta=run["zeta"], eps=run["eps"], max_norm=max_norm, dmr=run["dmr"], method=method
         )
+        if merger is not None:
+            merger.apply(new_state)
         load_global_state(model, new_state)
         eval_metrics: Mapping[str, Any] = {}
         eval_time = 0.0
         if evaluate is not None:
             torch.manual_seed(derive_seed(run_seed, round_index, "eval"))
             eval_start = time.perf_counter()
-            eval_metrics = evaluate(model, round_index) or {}
+            eval_metrics = evaluate(model, round_index, new_state) or {}
             eval_time = time.perf_counter() - eval_start
+            load_global_state(model, new_state)  # an evaluation may have loaded per-tier views
 
         lines = [  # validate_update is what aggregate_round decided by, so the reasons agree with report
             _client_line(
-                round_index, client, update, client_top_ks[client], validate_update(update, state, max_norm), state
+                round_index,
+                client,
+                update,
+                client_top_ks[client],
+                validate_update(update, state, max_norm, method),
+                state,
+                method,
+                ranks[client],
             )
             for client, update in zip(participants, updates, strict=True)
         ]
@@ -404,6 +467,7 @@ def run_simulation(
                 "utilization_cv": cvs,
                 "mean_utilization_cv": _finite_mean(cvs),
                 "dead_experts": [layer["dead_experts"] for layer in utilization],
+                **{k: report[k] for k in ("client_ranks", "merge_rank") if k in report},
                 "utilization": [layer["utilization"] for layer in utilization],
                 "eval": eval_metrics,
                 "eval_time_s": eval_time,

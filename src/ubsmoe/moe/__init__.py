@@ -9,6 +9,7 @@ from ubsmoe.moe.dmr import dmr_target, dmr_update, global_utilization, mean_top_
 from ubsmoe.moe.experts import ExpertLoRA, SwiGLU, experts_from_dense, swiglu_experts
 from ubsmoe.moe.model import (
     apply_pseudo_gradients,
+    balance_loss,
     collect_utilization,
     get_phi,
     model_device,
@@ -30,6 +31,7 @@ __all__ = [
     "UBSMoEConfig",
     "add_pseudo_gradient",
     "apply_pseudo_gradients",
+    "balance_loss",
     "budget_to_top_k",
     "collect_utilization",
     "dead_experts",

@@ -15,6 +15,7 @@ from torch import nn
 
 from ubsmoe.moe.config import UBSMoEConfig, sparsity_factor
 from ubsmoe.moe.experts import ExpertLoRA, frozen_parameter, grouped_mm_supported, swiglu_experts
+from ubsmoe.moe.load_balancing import switch_load_balancing_loss
 from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
 from ubsmoe.moe.routing import range_regularizer, route
 
@@ -86,6 +87,13 @@ class UBSMoEBlock(nn.Module):
         self.phi = nn.Parameter(
             torch.zeros(num_experts, dtype=torch.float32, device=gate_up_proj.device), requires_grad=config.dmr
         )
+        # A3SMoE's client-local rescaling of the routed experts' output (absent otherwise)
+        self.output_scale = (
+            nn.Parameter(torch.ones((), dtype=torch.float32, device=gate_up_proj.device))
+            if config.output_rescale
+            else None
+        )
+        self._balance_loss: torch.Tensor | None = None
         self._top_k = native_top_k
         self.track_utilization = True
         # statistics, not model state: excluded from state_dict
@@ -149,7 +157,10 @@ class UBSMoEBlock(nn.Module):
             self.activation,
             row_scale=routing.gates.reshape(-1)[order],
         )
-        out = torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype))
+        out = self.rescale(torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype)))
+        if self.training and self.config.load_balance_coef > 0:
+            balance = switch_load_balancing_loss(routing.probs, routing.expert_index, self.num_experts)
+            self._balance_loss = self.config.load_balance_coef * balance
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -157,6 +168,10 @@ class UBSMoEBlock(nn.Module):
             out = out + shared
         self._record(routing.probs, routing.expert_index, counts, top_k)
         return out.view_as(hidden_states)
+
+    def rescale(self, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output times the A3SMoE output scale (unchanged without one)."""
+        return routed if self.output_scale is None else routed * self.output_scale.to(routed.dtype)
 
     @torch.no_grad()
     def _record(self, probs: torch.Tensor, expert_index: torch.Tensor, counts: torch.Tensor, top_k: int) -> None:
@@ -193,6 +208,11 @@ class UBSMoEBlock(nn.Module):
             return self.phi.new_zeros(())
         c = self.config
         return range_regularizer(self.phi, c.phi_min, c.phi_max, c.range_lambda)
+
+    def balance_loss(self) -> torch.Tensor:
+        """SMoE-LLB's weighted load-balancing loss of the last training forward, then forgotten (0 when off)."""
+        loss, self._balance_loss = self._balance_loss, None
+        return loss if loss is not None else self.phi.new_zeros(())
 
     @torch.no_grad()
     def apply_pseudo_gradient(self) -> None:

@@ -66,6 +66,9 @@ class UBSMoEConfig:
     pg_rho_form: Literal["complement", "inverse"] = "complement"
     # compute
     implementation: Literal["auto", "grouped_mm", "eager"] = "auto"
+    # baselines (DESIGN 2.5): off for UB-SMoE
+    load_balance_coef: float = 0.0  # SMoE-LLB: weight of the Switch load-balancing loss of each block
+    output_rescale: bool = False  # A3SMoE: a learnable scale on the routed experts' output (client-local)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -87,6 +90,8 @@ class UBSMoEConfig:
             problems.append(f"pg_kappa must be >= 0, got {self.pg_kappa!r}")
         if self.pg_rho_form not in RHO_FORMS:
             problems.append(f"pg_rho_form must be one of {RHO_FORMS}, got {self.pg_rho_form!r}")
+        if self.load_balance_coef < 0:
+            problems.append(f"load_balance_coef must be >= 0, got {self.load_balance_coef!r}")
         if self.implementation not in IMPLEMENTATIONS:
             problems.append(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         if problems:

@@ -34,6 +34,14 @@ def range_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([b.range_loss() for b in blocks]).sum()
 
 
+def balance_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the blocks' SMoE-LLB load-balancing losses of the last training forward (zero when off)."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return torch.zeros(())
+    return torch.stack([b.balance_loss() for b in blocks]).sum()
+
+
 def apply_pseudo_gradients(model: nn.Module) -> None:
     """After backward, before the optimizer step: the universal pseudo-gradient in every block."""
     for block in moe_blocks(model):

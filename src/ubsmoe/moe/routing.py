@@ -16,7 +16,7 @@ class Routing(NamedTuple):
 
     expert_index: torch.Tensor  # (T, K) long, chosen experts per token
     gates: torch.Tensor  # (T, K) weights that multiply each chosen expert's output (differentiable)
-    probs: torch.Tensor  # (T, M) float32 modulated routing probabilities, detached
+    probs: torch.Tensor  # (T, M) float32 modulated routing probabilities (with their graph; detach to store)
 
 
 def modulated_logits(scores: torch.Tensor, phi: torch.Tensor | None, num_candidates: int) -> torch.Tensor:
@@ -64,7 +64,7 @@ def route(
     elif normalize_gates:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
     gates = top_probs - top_probs.detach() + 1.0 if unit_gates else top_probs
-    return Routing(expert_index, gates.to(hidden.dtype), probs.detach())
+    return Routing(expert_index, gates.to(hidden.dtype), probs)
 
 
 def range_regularizer(phi: torch.Tensor, phi_min: float, phi_max: float, strength: float) -> torch.Tensor:

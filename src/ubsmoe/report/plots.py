@@ -73,8 +73,8 @@ def _tier_label(tier: Mapping[str, Any], position: int) -> str:
 
 
 def _size_label(tier: Mapping[str, Any]) -> str:
-    # Low-rank tiers carry a rank instead of a top-k, which is what sets their compute.
-    if tier.get("top_k") is None and tier.get("rank") is not None:
+    # Rank-method tiers all run at K_max: their rank is what tells them apart.
+    if tier.get("rank") is not None:
         return f"r={tier['rank']}"
     return f"K={tier['top_k']}" if tier.get("top_k") is not None else ""
 

@@ -91,8 +91,8 @@ def build_summary(
             {
                 "tier": tier.index,
                 "budget": tier.budget,
-                "top_k": None if config.is_rank_method and config.method != "fedit" else tier.top_k,
-                "rank": ranks[tier.clients[0]] if config.is_rank_method else None,
+                "top_k": tier.top_k,  # K_max for every tier of a rank method
+                "rank": tier.rank if config.is_rank_method else None,
                 "clients": list(tier.clients),
                 "accuracy": _tier_accuracy(final_entry),
                 "initial_accuracy": _tier_accuracy(initial_entry),

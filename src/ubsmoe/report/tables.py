@@ -40,7 +40,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     for tier in summary.get("tiers", []):
         flops = tier.get("flops_per_sample", {})
-        size = f"K={tier['top_k']}" if tier.get("top_k") is not None else f"r={tier.get('rank')}"
+        size = f"r={tier['rank']}" if tier.get("rank") is not None else f"K={tier.get('top_k')}"
         table.add_row(
             f"β{tier['budget']:g} {size}",
             _accuracy(tier.get("initial_accuracy")),
