@@ -139,6 +139,57 @@ def run(
     _run_experiment(experiment, folder, resume is not None)
 
 
+@app.command()
+def compare(
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods, e.g. ubsmoe,fedit,hetlora,flexlora,flora,florist,smoe-naive,smoe-llb,a3smoe "
+            "(also the ablations ubsmoe-no-dmr, ubsmoe-no-pg, ubsmoe-no-reg, ubsmoe-np1x/2x/4x)."
+        ),
+    ] = "ubsmoe,smoe-naive",
+    seeds: Annotated[int, typer.Option(help="Seeds per method: config seed, seed + 1, ...")] = 1,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Base experiment config; default: the embedded default."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override one value of the base config (repeatable).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Comparison folder; run the same command again to resume.")] = Path(
+        "runs/compare"
+    ),
+) -> None:
+    """Run the same experiment for several methods and seeds: comparison.json, comparison.md and plots/."""
+    from ubsmoe.compare import method_labels, run_comparison
+    from ubsmoe.config import ConfigError, load_config
+
+    try:
+        labels = method_labels(methods)
+        base = load_config(config, overrides or [])
+        if seeds < 1:
+            raise ConfigError(f"--seeds {seeds}: must be an integer >= 1")
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+
+    def announce(label: str, seed: int, status: str) -> None:
+        console.rule(f"{label} · seed {seed} · {status}")
+
+    def one_run(experiment, folder: Path, resume: bool) -> dict:
+        return _run_experiment(experiment, folder, resume, show_table=False)
+
+    try:
+        comparison = run_comparison(base, labels, seeds, out, run=one_run, on_run=announce)
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to resume the comparison") from None
+    from ubsmoe.report.comparison import comparison_markdown
+
+    print(comparison_markdown(comparison))
+    console.print(f"wrote [bold]{out / 'comparison.json'}[/], comparison.md and plots/ in {out}")
+
+
 @app.command("config")
 def show_config(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config (.yaml/.yml/.toml).")] = None,
@@ -163,7 +214,7 @@ def show_config(
     print(yaml.safe_dump(experiment.to_dict(), sort_keys=False), end="")
 
 
-def _run_experiment(experiment, folder: Path, resume: bool) -> None:
+def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = True) -> dict:
     from ubsmoe.config import ConfigError
     from ubsmoe.data.bigbench import BigBenchError
     from ubsmoe.data.commonsense import CommonsenseDataError
@@ -192,9 +243,13 @@ def _run_experiment(experiment, folder: Path, resume: bool) -> None:
     except (ConfigError, ModelLoadError, DataError, CommonsenseDataError, BigBenchError, CheckpointError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
+        if not show_table:  # inside `ubsmoe compare`, which says how to resume
+            raise
         raise _fail(f"interrupted; continue with: ubsmoe run --resume {folder}") from None
-    console.print(summary_table(summary))
-    console.print(f"\nwrote [bold]{folder / 'summary.json'}[/], metrics.jsonl, plots/ and checkpoint/ in {folder}")
+    if show_table:
+        console.print(summary_table(summary))
+        console.print(f"\nwrote [bold]{folder / 'summary.json'}[/], metrics.jsonl, plots/ and checkpoint/ in {folder}")
+    return summary
 
 
 @app.command()

@@ -1,0 +1,150 @@
+"""`ubsmoe compare`: the same experiment for several methods and seeds, then one comparison.
+
+Every (method, seed) runs `run_experiment` with the base configuration, changing only `method` and
+`seed` (seed i is base seed + i; `data.seed`, hence the split and the partition, stays the same, so
+the seeds measure the training's randomness on one federation). Runs land in
+`OUT/<method>/seed<k>/`; running the command again reuses finished runs, resumes interrupted ones
+from their checkpoints and starts the rest, so a long comparison survives interruptions.
+`OUT/base_config.yaml` records the base configuration: a folder that holds a comparison of another
+configuration is refused.
+
+Method labels are the config's method names plus the N_p ablation of UB-SMoE: `ubsmoe-np1x`,
+`ubsmoe-np2x`, `ubsmoe-np4x` run `ubsmoe` with moe.num_candidates = 1, 2, 4 x K_max, clipped to the
+M experts (where K_max = M, as in MoEfied models, the three coincide; the comparison says so).
+
+Outputs: `OUT/comparison.json` (`ubsmoe.report.comparison.build_comparison`, plus the command, the
+base configuration and the N_p actually used), `OUT/comparison.md` and `OUT/plots/`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
+
+__all__ = ["NP_VARIANTS", "method_labels", "run_comparison", "variant_config"]
+
+NP_VARIANTS = {"ubsmoe-np1x": 1, "ubsmoe-np2x": 2, "ubsmoe-np4x": 4}
+BASE_CONFIG = "base_config.yaml"
+
+
+def method_labels(text: str) -> list[str]:
+    """The comma-separated labels of `--methods`, checked (ConfigError names the unknown ones)."""
+    labels = [part.strip() for part in text.split(",") if part.strip()]
+    if not labels:
+        raise ConfigError("--methods is empty; give e.g. --methods ubsmoe,smoe-naive")
+    known = (*METHODS, *NP_VARIANTS)
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    if len(set(labels)) != len(labels):
+        raise ConfigError("--methods names a method twice")
+    return labels
+
+
+def _k_max_and_experts(config: ExperimentConfig) -> tuple[int, int]:
+    if config.model.is_moefied:
+        experts = config.model.moefication.num_experts
+        return experts, experts
+    path = Path(config.model.name) / "config.json"
+    try:
+        native = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"the N_p ablation needs K_max and M of the model: cannot read {path}") from None
+    experts = native.get("num_experts") or native.get("num_local_experts")
+    k_max = native.get("num_experts_per_tok")
+    if not isinstance(experts, int) or not isinstance(k_max, int):
+        raise ConfigError(f"{path} names no num_experts_per_tok and num_experts / num_local_experts")
+    return k_max, experts
+
+
+def variant_config(base: ExperimentConfig, label: str, seed: int) -> ExperimentConfig:
+    """The configuration of one (label, seed) run."""
+    data = base.to_dict()
+    data["seed"] = seed
+    if label in NP_VARIANTS:
+        k_max, experts = _k_max_and_experts(base)
+        data["method"] = "ubsmoe"
+        data["moe"]["num_candidates"] = min(NP_VARIANTS[label] * k_max, experts)
+    else:
+        data["method"] = label
+    return ExperimentConfig.from_dict(data)
+
+
+def _check_folder(base: ExperimentConfig, out: Path) -> None:
+    saved = out / BASE_CONFIG
+    if saved.is_file():
+        if load_config(saved).to_dict() != base.to_dict():
+            raise ConfigError(
+                f"{out} holds a comparison of another configuration ({saved}); use another --out, or the same "
+                "--config/--set to continue it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(base, saved)
+
+
+def run_comparison(
+    base: ExperimentConfig,
+    labels: Sequence[str],
+    seeds: int,
+    out: str | Path,
+    run: Callable[[ExperimentConfig | None, Path, bool], dict[str, Any]] | None = None,
+    on_run: Callable[[str, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or reuse) every (label, seed), then write and return the comparison; see the module docstring.
+
+    `run(config, folder, resume)` runs one experiment (default: `run_experiment` without progress);
+    `on_run(label, seed, status)` is told 'reused', 'resumed' or 'started' before each run.
+    """
+    from ubsmoe.fl.checkpoint import latest_checkpoint
+    from ubsmoe.fl.experiment import run_experiment
+    from ubsmoe.report.comparison import build_comparison, comparison_markdown, write_comparison_plots
+
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise ConfigError(f"--seeds {seeds}: must be an integer >= 1")
+    out = Path(out)
+    _check_folder(base, out)
+    run = run or (lambda config, folder, resume: run_experiment(config, folder, resume=resume))
+    started = time.perf_counter()
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    candidates: dict[str, int | None] = {}
+    for label in labels:
+        summaries[label] = []
+        for index in range(seeds):
+            seed = base.seed + index
+            config = variant_config(base, label, seed)
+            candidates[label] = config.moe.num_candidates
+            folder = out / label / f"seed{seed}"
+            summary_path = folder / "summary.json"
+            if summary_path.is_file():
+                status = "reused"
+                summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            elif latest_checkpoint(folder / "checkpoint") is not None:
+                status = "resumed"
+            else:
+                status = "started"
+            if on_run is not None:
+                on_run(label, seed, status)
+            if status == "resumed":
+                summary = run(None, folder, True)
+            elif status == "started":
+                summary = run(config, folder, False)
+            summaries[label].append(summary)
+
+    comparison = build_comparison(summaries)
+    comparison["command"] = " ".join(sys.argv)
+    comparison["seeds"] = seeds
+    comparison["num_candidates"] = candidates
+    comparison["base_config"] = base.to_dict()
+    comparison["wall_clock_s"] = time.perf_counter() - started
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    (out / "comparison.md").write_text(comparison_markdown(comparison), encoding="utf-8")
+    if base.output.plots:
+        write_comparison_plots(comparison, out / "plots")
+    return comparison

@@ -1,0 +1,89 @@
+"""`ubsmoe compare` on the tiny OLMoE: two methods, one round, two seeds; reuse on a second call; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from test_run import QUICK, write_data  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from ubsmoe.cli import app  # noqa: E402
+from ubsmoe.report.comparison import build_comparison, comparison_markdown  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ubsmoe.models.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("compare")
+    model = save_tiny_model(root / "model", "olmoe")
+    data = write_data(root / "data")
+    config = root / "config.yaml"
+    config.write_text(
+        f"model: {{name: {model}}}\n"
+        "moe:\n  tiers: [{budget: 0.5, clients: 2}, {budget: 1.0, clients: 2}]\n"
+        f"data: {{source: commonsense, path: {data}, tasks: [ARC-Easy, boolq], max_length: 128}}\n",
+        encoding="utf-8",
+    )
+    return {"root": root, "config": config}
+
+
+def _compare(setup, methods, out, *extra):
+    sets = [x for item in [*QUICK, "federation.rounds=1", *extra] for x in ("--set", item)]
+    args = ["compare", "--methods", methods, "--seeds", "2", "-c", str(setup["config"]), "--out", str(out), *sets]
+    return CliRunner().invoke(app, args)
+
+
+def test_a_short_comparison_writes_its_table_and_plots(setup):
+    out = setup["root"] / "cmp"
+    result = _compare(setup, "ubsmoe,smoe-naive", out)
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [row["label"] for row in comparison["methods"]] == ["ubsmoe", "smoe-naive"]
+    for row in comparison["methods"]:
+        assert row["seeds"] == [0, 1]
+        assert [t["top_k"] for t in row["tiers"]] == [1, 2]
+        assert all(t["accuracy"]["n"] == 2 and t["accuracy"]["std"] >= 0 for t in row["tiers"])
+        assert row["communication_per_round"]["upload_bytes"] > 0
+    assert (out / "ubsmoe" / "seed1" / "summary.json").is_file()
+    table = (out / "comparison.md").read_text()
+    assert "| ubsmoe | 2 |" in table and "| smoe-naive | 2 |" in table
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "accuracy_by_tier.png",
+        "accuracy_vs_flops.png",
+        "utilization_cv.png",
+    ]
+    again = _compare(setup, "ubsmoe,smoe-naive", out)  # every run is reused
+    assert again.exit_code == 0 and again.output.count("reused") == 4
+    assert json.loads((out / "comparison.json").read_text())["methods"] == comparison["methods"]
+
+
+def test_bad_input_gives_one_message(setup):
+    result = _compare(setup, "ubsmoe,fedavg", setup["root"] / "bad")
+    assert result.exit_code == 2 and "unknown fedavg" in result.output and "Traceback" not in result.output
+    other = _compare(setup, "ubsmoe", setup["root"] / "cmp", "federation.local_steps=3")
+    assert other.exit_code == 2 and "another configuration" in " ".join(other.output.split())
+
+
+def test_np_variants_resolve_against_the_model(setup):
+    from ubsmoe.compare import variant_config
+    from ubsmoe.config import load_config
+
+    base = load_config(setup["config"])
+    resolved = [variant_config(base, label, 0).moe.num_candidates for label in ("ubsmoe-np1x", "ubsmoe-np4x")]
+    assert resolved[0] < resolved[1] or resolved[0] == resolved[1] == 4  # clipped to M
+
+
+def test_the_table_reads_seed_spread():
+    tier = {"tier": 0, "budget": 1.0, "top_k": 2, "rank": None, "flops_per_sample": {"analytic": 2e9}}
+    runs = [
+        {"method": "x", "seed": s, "tiers": [{**tier, "accuracy": {"mean": a}}], "mean_over_tiers": {"accuracy": a}}
+        for s, a in ((0, 0.4), (1, 0.6))
+    ]
+    comparison = build_comparison({"x": runs})
+    assert comparison["methods"][0]["tiers"][0]["accuracy"]["mean"] == pytest.approx(0.5)
+    assert "50.0 ± 14.1" in comparison_markdown(comparison)
