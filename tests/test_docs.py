@@ -25,7 +25,7 @@ def config_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> 
 
 def test_every_config_key_is_documented():
     text = (DOCS / "running.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)*)`", text))
+    documented = set(re.findall(r"`([a-z0-9_]+(?:\.[a-z0-9_]+)*)`", text))
     wildcard = {key[:-2] for key in re.findall(r"`([a-z_]+\.\*)`", text)}
     missing = [key for key in config_keys() if key not in documented and key.split(".")[0] not in wildcard]
     assert not missing, f"keys missing from docs/running.md: {missing}"

@@ -1,7 +1,8 @@
 """`ubsmoe compare`: the same experiment for several methods and seeds, then one comparison.
 
 Every (method, seed) runs `run_experiment` with the base configuration, changing only `method` and
-`seed` (seed i is base seed + i; `data.seed`, hence the split and the partition, stays the same, so
+`seed` (seed i is base seed + i; FLOPs are counted on the first seed only, since they do not depend
+on it; `data.seed`, hence the split and the partition, stays the same, so
 the seeds measure the training's randomness on one federation). Runs land in
 `OUT/<method>/seed<k>/`; running the command again reuses finished runs, resumes interrupted ones
 from their checkpoints and starts the rest, so a long comparison survives interruptions.
@@ -66,6 +67,8 @@ def _k_max_and_experts(config: ExperimentConfig) -> tuple[int, int]:
 def variant_config(base: ExperimentConfig, label: str, seed: int) -> ExperimentConfig:
     """The configuration of one (label, seed) run."""
     data = base.to_dict()
+    if seed != base.seed:  # FLOPs do not depend on the seed: count them on the first seed only
+        data["evaluation"]["measure_flops"] = False
     data["seed"] = seed
     if label in NP_VARIANTS:
         k_max, experts = _k_max_and_experts(base)

@@ -350,6 +350,9 @@ class EvaluationSection(_Section):
     heldout_tokens: int = Field(
         1024, ge=0, description="tokens of held-out BIG-bench text for perplexity per tier; 0 = skip"
     )
+    measure_flops: bool = Field(
+        True, description="also count training FLOPs with torch's counter (about a minute on 2 cores); false = analytic"
+    )
 
 
 class OutputSection(_Section):

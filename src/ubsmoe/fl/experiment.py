@@ -153,7 +153,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
         measured = 0
         model.train()
         with _countable(model):
-            for sample in samples:
+            for sample in samples if config.evaluation.measure_flops else []:
                 batch = {k: v.to(device) for k, v in collate([sample], 0).items()}
 
                 def step(batch: dict[str, torch.Tensor] = batch) -> None:
@@ -164,7 +164,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
         rows.append(
             {
                 "analytic": per_sample(round(mean_length)),
-                "measured": measured / len(samples),
+                "measured": measured / len(samples) if config.evaluation.measure_flops else None,
                 "analytic_same_samples": sum(per_sample(len(s["input_ids"])) for s in samples) / len(samples),
                 "tokens_per_sample": mean_length,
                 "per_token": flops_per_token(dims, tier.top_k, seq_len=round(mean_length), **tier_options),
