@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from test_run import QUICK, write_data  # noqa: E402
+from test_run import QUICK, write_experiment  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ubsmoe.cli import app  # noqa: E402
@@ -17,19 +17,7 @@ from ubsmoe.report.comparison import build_comparison, comparison_markdown  # no
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ubsmoe.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("compare")
-    model = save_tiny_model(root / "model", "olmoe")
-    data = write_data(root / "data")
-    config = root / "config.yaml"
-    config.write_text(
-        f"model: {{name: {model}}}\n"
-        "moe:\n  tiers: [{budget: 0.5, clients: 2}, {budget: 1.0, clients: 2}]\n"
-        f"data: {{source: commonsense, path: {data}, tasks: [ARC-Easy, boolq], max_length: 128}}\n",
-        encoding="utf-8",
-    )
-    return {"root": root, "config": config}
+    return write_experiment(tmp_path_factory.mktemp("compare"))
 
 
 def _compare(setup, methods, out, *extra):

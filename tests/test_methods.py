@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_run import QUICK, _lines, write_data  # noqa: E402
+from test_run import QUICK, _lines, write_experiment  # noqa: E402
 
 from ubsmoe.config import METHODS  # noqa: E402
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
@@ -140,19 +140,7 @@ def test_tier_views():
 # ---- full runs on the tiny model -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ubsmoe.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("methods")
-    model = save_tiny_model(root / "model", "olmoe")
-    data = write_data(root / "data")
-    config = root / "config.yaml"
-    config.write_text(
-        f"model: {{name: {model}}}\n"
-        "moe:\n  tiers: [{budget: 0.5, clients: 2}, {budget: 1.0, clients: 2}]\n"
-        f"data: {{source: commonsense, path: {data}, tasks: [ARC-Easy, boolq], max_length: 128}}\n",
-        encoding="utf-8",
-    )
-    return {"root": root, "config": config}
+    return write_experiment(tmp_path_factory.mktemp("methods"))
 
 
 def _run(setup, method, *extra, reporter=None, out=None):

@@ -71,9 +71,8 @@ def write_data(folder: Path, examples: int = 60) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
+def write_experiment(root: Path) -> dict:
+    """A tiny OLMoE on disk, synthetic data and a config with two tiers of two clients (shared by other tests)."""
     model = save_tiny_model(root / "model", "olmoe")
     data = write_data(root / "data")
     config = root / "config.yaml"
@@ -84,6 +83,11 @@ def setup(tmp_path_factory):
         encoding="utf-8",
     )
     return {"root": root, "config": config, "model": model, "data": data}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_experiment(tmp_path_factory.mktemp("run"))
 
 
 def _config(setup, *extra: str):

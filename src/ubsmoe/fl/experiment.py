@@ -52,6 +52,11 @@ __all__ = [
     "INITIAL_EVAL_FILE",
     "Reporter",
     "Tier",
+    "TierEvaluator",
+    "evaluation_due",
+    "experiment_tiers",
+    "initial_global_state",
+    "tier_flops",
     "prepare_output",
     "run_experiment",
 ]
@@ -91,7 +96,7 @@ class Tier:
     """The tier's LoRA rank (r_c under a rank method, else lora.rank)."""
 
 
-def _tiers(config: ExperimentConfig, top_ks: list[int]) -> list[Tier]:
+def experiment_tiers(config: ExperimentConfig, top_ks: list[int]) -> list[Tier]:
     tier_of = config.client_tiers()
     ranks = config.client_ranks()
     return [
@@ -125,7 +130,9 @@ def _countable(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(attention)
 
 
-def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: FederatedData) -> list[dict[str, Any]]:
+def tier_flops(
+    model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: FederatedData
+) -> list[dict[str, Any]]:
     """Training FLOPs per sample of each tier: analytic and measured on the same real sequences."""
     lengths = [len(e["input_ids"]) for client in data.client_encoded for e in client]
     mean_length = statistics.fmean(lengths)
@@ -174,7 +181,7 @@ def _flops(model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: 
     return rows
 
 
-class _Evaluator:
+class TierEvaluator:
     """Evaluates every tier at its K_c with the model its clients hold (`ubsmoe.fl.methods.tier_view`).
 
     K and the adapters are left at the last tier's; the simulation reloads the global state after it.
@@ -242,12 +249,12 @@ def _load_local(model: nn.Module, view: GlobalState) -> None:
         parameter.copy_(view.method_state.get(key, torch.ones_like(parameter)))
 
 
-def _due(config: ExperimentConfig, round: int) -> bool:
+def evaluation_due(config: ExperimentConfig, round: int) -> bool:
     last = round == config.federation.rounds - 1
     return last or (round + 1) % config.evaluation.every == 0
 
 
-def _initial_state(model: nn.Module, config: ExperimentConfig) -> GlobalState:
+def initial_global_state(model: nn.Module, config: ExperimentConfig) -> GlobalState:
     from ubsmoe.fl.methods import initial_method_state
     from ubsmoe.fl.payload import global_state_from_model
 
@@ -301,12 +308,12 @@ def run_experiment(
         config.data, config.num_clients, tokenizer, config.evaluation.examples_per_task, progress=reporter.stage
     )
     config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
-    tiers = _tiers(config, top_ks)
+    tiers = experiment_tiers(config, top_ks)
     load_s = time.perf_counter() - started
 
     reporter.stage("measuring training FLOPs per tier")
-    flops = _flops(model, config, tiers, data)
-    evaluator = _Evaluator(loaded, config, data, tiers, reporter)
+    flops = tier_flops(model, config, tiers, data)
+    evaluator = TierEvaluator(loaded, config, data, tiers, reporter)
     initial_path = out / INITIAL_EVAL_FILE
     initial = None
     if config.evaluation.initial:
@@ -314,11 +321,11 @@ def run_experiment(
             initial = json.loads(initial_path.read_text(encoding="utf-8"))
         else:
             torch.manual_seed(config.seed)
-            initial = evaluator(model, None, _initial_state(model, config))
+            initial = evaluator(model, None, initial_global_state(model, config))
             write_text_atomic(initial_path, json.dumps(initial, indent=2) + "\n")
 
     def evaluate(model: nn.Module, round: int, state: GlobalState) -> dict[str, Any]:
-        return evaluator(model, round, state) if _due(config, round) else {}
+        return evaluator(model, round, state) if evaluation_due(config, round) else {}
 
     records = run_simulation(
         model,

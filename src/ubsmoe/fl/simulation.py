@@ -80,7 +80,11 @@ __all__ = [
     "SimulationRecords",
     "client_batches",
     "derive_seed",
+    "resolve_run",
+    "round_outputs",
+    "run_fingerprint",
     "run_simulation",
+    "save_round",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -134,7 +138,7 @@ def _normalised(value: Any) -> Any:
     return json.loads(json.dumps(_jsonable(value)))
 
 
-def _resolve(
+def resolve_run(
     settings: ClientSettings | ExperimentConfig,
     rounds: int | None,
     fraction: float | None,
@@ -200,7 +204,7 @@ def _check_inputs(client_data: Sequence[Sequence[Any]], client_top_ks: Sequence[
         raise ValueError("\n".join(problems))
 
 
-def _fingerprint(
+def run_fingerprint(
     client_data: Sequence[Sequence[Any]],
     client_top_ks: Sequence[int],
     client_settings: ClientSettings,
@@ -284,6 +288,84 @@ def _finite_mean(values: Sequence[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+def round_outputs(
+    round_index: int,
+    participants: Sequence[int],
+    updates: Mapping[int, Any],
+    top_ks: Sequence[int] | Mapping[int, int],
+    start_state: GlobalState,
+    report: Mapping[str, Any],
+    method: MethodSettings,
+    ranks: Mapping[int, int | None],
+    max_norm: float | None,
+    eval_metrics: Mapping[str, Any],
+    eval_time: float,
+    started: float,
+    missing: Mapping[int, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(metrics.jsonl lines, round record) of one aggregated round; shared by the simulation and Flower.
+
+    `updates` maps each participant that replied to its update; `missing` gives the reason of each one
+    that did not (Flower: no node, timeout, client error); `extra` adds keys to the record.
+    """
+    missing = missing or {}
+    lines = []
+    for client in participants:
+        if client in updates:  # validate_update is what aggregate_round decided by: the reasons agree
+            update, reason = updates[client], validate_update(updates[client], start_state, max_norm, method)
+        else:
+            update, reason = None, f"missing: {missing.get(client, 'no reply')}"
+        lines.append(
+            _client_line(round_index, client, update, top_ks[client], reason, start_state, method, ranks[client])
+        )
+    utilization = report.get("utilization", [])
+    cvs = [layer["cv"] for layer in utilization]
+    record = _normalised(
+        {
+            "round": round_index,
+            "clients": list(participants),
+            "accepted": report["accepted"],
+            "dropped": report["dropped"],
+            **({"missing": [{"client_id": c, "reason": r} for c, r in sorted(missing.items())]} if missing else {}),
+            "changed": report["changed"],
+            "message": report["message"],
+            "client_metrics": lines,
+            "train": report.get("metrics", {}),
+            "utilization_cv": cvs,
+            "mean_utilization_cv": _finite_mean(cvs),
+            "dead_experts": [layer["dead_experts"] for layer in utilization],
+            **{k: report[k] for k in ("client_ranks", "merge_rank") if k in report},
+            "utilization": [layer["utilization"] for layer in utilization],
+            "eval": eval_metrics,
+            **(extra or {}),
+            "eval_time_s": eval_time,
+            "round_time_s": time.perf_counter() - started,
+        }
+    )
+    return lines, record
+
+
+def save_round(
+    out: Path,
+    state: GlobalState,
+    records: Sequence[Mapping[str, Any]],
+    lines: Sequence[Mapping[str, Any]],
+    fingerprint: Mapping[str, Any],
+    keep: int | None,
+    **extra: Any,
+) -> None:
+    """Append the round's metrics.jsonl lines, then checkpoint `state` with the records so far."""
+    _append_lines(out / METRICS_FILE, list(lines))
+    save_checkpoint(
+        out / CHECKPOINT_DIR,
+        state,
+        state.round,
+        {"fingerprint": fingerprint, "records": list(records), **extra},
+        keep=keep,
+    )
+
+
 def run_simulation(
     model: nn.Module,
     client_data: Sequence[Sequence[Mapping[str, Sequence[int]]]],
@@ -336,7 +418,7 @@ def run_simulation(
     activation rate of each expert, L x M) per layer,
     mean_utilization_cv, changed, eval, round_time_s.
     """
-    client_settings, run = _resolve(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
+    client_settings, run = resolve_run(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
     _check_inputs(client_data, client_top_ks, run)
     if method is None:
         method = MethodSettings(seed=run["seed"]) if isinstance(settings, ClientSettings) else None
@@ -348,7 +430,9 @@ def run_simulation(
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     total_rounds, run_seed = run["rounds"], run["seed"]
-    fingerprint = _fingerprint(client_data, client_top_ks, client_settings, run, max_norm, pad_id, method, client_ranks)
+    fingerprint = run_fingerprint(
+        client_data, client_top_ks, client_settings, run, max_norm, pad_id, method, client_ranks
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,50 +523,22 @@ def run_simulation(
             eval_time = time.perf_counter() - eval_start
             load_global_state(model, new_state)  # an evaluation may have loaded per-tier views
 
-        lines = [  # validate_update is what aggregate_round decided by, so the reasons agree with report
-            _client_line(
-                round_index,
-                client,
-                update,
-                client_top_ks[client],
-                validate_update(update, state, max_norm, method),
-                state,
-                method,
-                ranks[client],
-            )
-            for client, update in zip(participants, updates, strict=True)
-        ]
-        utilization = report.get("utilization", [])
-        cvs = [layer["cv"] for layer in utilization]
-        record = _normalised(
-            {
-                "round": round_index,
-                "clients": participants,
-                "accepted": report["accepted"],
-                "dropped": report["dropped"],
-                "changed": report["changed"],
-                "message": report["message"],
-                "client_metrics": lines,
-                "train": report.get("metrics", {}),
-                "utilization_cv": cvs,
-                "mean_utilization_cv": _finite_mean(cvs),
-                "dead_experts": [layer["dead_experts"] for layer in utilization],
-                **{k: report[k] for k in ("client_ranks", "merge_rank") if k in report},
-                "utilization": [layer["utilization"] for layer in utilization],
-                "eval": eval_metrics,
-                "eval_time_s": eval_time,
-                "round_time_s": time.perf_counter() - started,
-            }
+        lines, record = round_outputs(
+            round_index,
+            participants,
+            dict(zip(participants, updates, strict=True)),
+            client_top_ks,
+            state,
+            report,
+            method,
+            ranks,
+            max_norm,
+            eval_metrics,
+            eval_time,
+            started,
         )
         records.append(record)
-        _append_lines(metrics_path, lines)
-        save_checkpoint(
-            checkpoints,
-            new_state,
-            new_state.round,
-            {"fingerprint": fingerprint, "records": list(records)},
-            keep=keep_checkpoints,
-        )
+        save_round(out, new_state, records, lines, fingerprint, keep_checkpoints)
         state = new_state
         if on_round is not None:
             on_round(record)

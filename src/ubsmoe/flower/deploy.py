@@ -1,0 +1,237 @@
+"""A Flower deployment on one machine: a SuperLink, one SuperNode per client, one run, then everything stopped.
+
+    python -m ubsmoe.flower.deploy --config my.yaml --out runs/flower-local [--set key=value ...]
+
+1. writes a Flower config (`OUT/flwr-home/config.toml`, used through FLWR_HOME) with one SuperLink
+   connection, `ubsmoe-local`, at 127.0.0.1:PORT, insecure (loopback only);
+2. starts `flower-superlink --insecure --host 127.0.0.1 --port PORT
+   --disable-runtime-dependency-installation` (Fleet, Control and Runtime APIs over HTTP on that one
+   port in flwr 1.41; without the last flag the SuperLink `uv sync`s the app's dependencies into a new
+   environment for every run, pulling an unpinned torch with CUDA);
+3. starts one `flower-supernode --insecure --superlink 127.0.0.1:PORT --port PORT+1+i
+   --node-config "client-id=i beta=B_i"` per client of the experiment, B_i its tier's budget (or
+   `--beta` values, one per node);
+4. submits the app with `flwr run APP ubsmoe-local --stream --run-config ...` and waits for it;
+5. stops every process it started (also on an error or Ctrl-C), and checks that OUT/summary.json exists.
+
+Logs go to OUT/logs/. `--kill-node I --kill-after S` kills SuperNode I S seconds after the run was
+submitted (a fault drill: the run carries on without it, see docs/flower.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ubsmoe.config import load_config
+
+__all__ = ["main", "run_local_deployment"]
+
+CONNECTION = "ubsmoe-local"
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"error: {name} not found; install the Flower extra: pip install -e '.[flower]'")
+    return found
+
+
+def _wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited early (code {process.returncode}); see its log")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the SuperLink did not open 127.0.0.1:{port} within {timeout:g} s")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def run_local_deployment(
+    config_path: str | None,
+    out: Path,
+    overrides: list[str],
+    *,
+    app_dir: Path,
+    port: int = 39200,
+    betas: list[float] | None = None,
+    round_timeout: float = 120.0,
+    min_replies: int = 1,
+    kill_node: int | None = None,
+    kill_after: float = 0.0,
+    timeout: float = 1800.0,
+) -> int:
+    """Run one experiment on a local SuperLink + SuperNodes; returns the exit code of `flwr run`."""
+    config = load_config(config_path, overrides)
+    nodes = config.num_clients
+    budgets = betas if betas is not None else config.client_budgets()
+    if len(budgets) != nodes:
+        raise SystemExit(f"error: {len(budgets)} budgets given for {nodes} clients")
+    ports = [port, *range(port + 1, port + 1 + nodes)]
+    busy = [p for p in ports if not _free(p)]
+    if busy:
+        raise SystemExit(f"error: port(s) {busy} on 127.0.0.1 are in use; pick another --port")
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} is not empty; choose a new --out")
+    logs, home = out / "logs", out / "flwr-home"
+    logs.mkdir(parents=True)
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    started: list[subprocess.Popen] = []
+    handles = []
+
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        log = open(logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed at the end)
+        handles.append(log)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out, start_new_session=True
+        )
+        started.append(process)
+        return process
+
+    try:
+        # --disable-runtime-dependency-installation: flwr 1.41's SuperLink otherwise `uv sync`s the app's
+        # dependencies into a fresh environment per run (an unpinned torch: GBs of CUDA wheels)
+        superlink = start(
+            "superlink",
+            [
+                _tool("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        _wait_for_port(port, 60, superlink)
+        supernodes = []
+        for client, beta in enumerate(budgets):
+            supernodes.append(
+                start(
+                    f"supernode-{client}",
+                    [
+                        _tool("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(port + 1 + client),
+                        "--node-config",
+                        f"client-id={client} beta={beta}",
+                    ],
+                )
+            )
+        run_config = " ".join(
+            [
+                f"config={_toml_string(str(Path(config_path).resolve()) if config_path else '')}",
+                f"overrides={_toml_string(';'.join(overrides))}",
+                f"out-dir={_toml_string(str(out / 'run'))}",
+                f"round-timeout={float(round_timeout)}",
+                f"min-replies={int(min_replies)}",
+            ]
+        )
+        command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config]
+        with open(logs / "flwr-run.log", "w", encoding="utf-8") as run_log:
+            runner = subprocess.Popen(command, stdout=run_log, stderr=subprocess.STDOUT, env=env, cwd=out)
+            started.append(runner)
+            if kill_node is not None:
+
+                def kill() -> None:
+                    time.sleep(kill_after)
+                    if supernodes[kill_node].poll() is None:
+                        os.killpg(supernodes[kill_node].pid, signal.SIGKILL)
+                        (logs / "killed.txt").write_text(f"supernode-{kill_node} at {time.time():.0f}\n")
+
+                threading.Thread(target=kill, daemon=True).start()
+            deadline = time.monotonic() + timeout
+            while runner.poll() is None:
+                if (out / "run" / "summary.json").is_file():
+                    time.sleep(2)  # the ServerApp has written its last file; let the stream end
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the run did not finish within {timeout:g} s; see {logs}")
+                time.sleep(1)
+        return 0 if (out / "run" / "summary.json").is_file() else (runner.returncode or 1)
+    finally:
+        for process in reversed(started):  # only what this function started
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGTERM) if process is not started[-1] else process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        for handle in handles:
+            handle.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ubsmoe.flower.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="experiment YAML/TOML (default: the embedded default experiment)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out", required=True, type=Path, help="a new folder: logs, Flower config and run outputs")
+    parser.add_argument("--port", type=int, default=39200, help="SuperLink port; SuperNodes use the next ones")
+    parser.add_argument("--beta", type=float, action="append", help="budget of node i (repeat once per node)")
+    parser.add_argument("--round-timeout", type=float, default=120.0)
+    parser.add_argument("--min-replies", type=int, default=1)
+    parser.add_argument("--kill-node", type=int, help="fault drill: kill this SuperNode ...")
+    parser.add_argument("--kill-after", type=float, default=30.0, help="... this many seconds after submitting")
+    parser.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[3], help="the Flower app folder")
+    args = parser.parse_args(argv)
+    try:
+        code = run_local_deployment(
+            args.config,
+            args.out,
+            args.set,
+            app_dir=args.app,
+            port=args.port,
+            betas=args.beta,
+            round_timeout=args.round_timeout,
+            min_replies=args.min_replies,
+            kill_node=args.kill_node,
+            kill_after=args.kill_after,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    summary = args.out.resolve() / "run" / "summary.json"
+    print(f"done: {summary}" if code == 0 else f"the run failed (code {code}); logs in {args.out / 'logs'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

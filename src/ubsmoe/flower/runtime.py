@@ -1,0 +1,117 @@
+"""What the ServerApp and the ClientApp both load: the experiment's model and data, and a client's tier.
+
+Both sides load the model and the federated data exactly as `ubsmoe run` does (`load_experiment_model`,
+`federated_data`), so a client's examples, the initial adapters and the frozen base are the same
+everywhere. The experiment config travels from the ServerApp to the clients inside every message
+(`CONFIG_KEY`, JSON of `ExperimentConfig.to_dict()`), so a SuperNode needs no copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ubsmoe.config import ExperimentConfig, Tier
+from ubsmoe.data.federated import FederatedData, federated_data
+from ubsmoe.data.prompts import pad_token_id
+from ubsmoe.fl.client import ClientSettings
+from ubsmoe.fl.methods import BaseMerger, MethodSettings
+from ubsmoe.models.loading import LoadedModel, load_experiment_model
+
+__all__ = [
+    "CONFIG_KEY",
+    "Runtime",
+    "budget_settings",
+    "config_from_json",
+    "config_to_json",
+    "load_runtime",
+    "node_identity",
+]
+
+CONFIG_KEY = "experiment"
+"""ConfigRecord key of the experiment config (JSON text) in every message the ServerApp sends."""
+
+
+def config_to_json(config: ExperimentConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def config_from_json(text: str) -> ExperimentConfig:
+    return ExperimentConfig.from_dict(json.loads(text), source="the ServerApp's message")
+
+
+@dataclass
+class Runtime:
+    """A loaded experiment: the model (a work buffer), its data and the settings derived from the config."""
+
+    config: ExperimentConfig
+    loaded: LoadedModel
+    data: FederatedData
+    pad_id: int
+    method: MethodSettings
+    settings: ClientSettings
+    merger: BaseMerger | None
+    """FLoRA/FLoRIST: merges the server's accumulated factors into this model's frozen base."""
+    key: str = ""
+
+
+def load_runtime(config: ExperimentConfig) -> Runtime:
+    """The model and the data of `config`, as `ubsmoe.fl.experiment.run_experiment` loads them."""
+    loaded = load_experiment_model(config)
+    data = federated_data(config.data, config.num_clients, loaded.tokenizer, config.evaluation.examples_per_task)
+    config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
+    method = MethodSettings.from_config(config)
+    return Runtime(
+        config=config,
+        loaded=loaded,
+        data=data,
+        pad_id=pad_token_id(loaded.tokenizer),
+        method=method,
+        settings=ClientSettings.from_config(config),
+        merger=BaseMerger(loaded.model) if method.merges_into_base else None,
+        key=hashlib.sha256(config_to_json(config).encode("utf-8")).hexdigest(),
+    )
+
+
+def budget_settings(config: ExperimentConfig, budget: float, k_max: int) -> tuple[int, int]:
+    """(K_c, configured LoRA rank r_c) of a client with compute budget `budget`, by the config's own rules."""
+    if not (isinstance(budget, int | float) and 0 < budget <= 1):
+        raise ValueError(f"budget (beta) = {budget!r}: must be in (0, 1]")
+    single = config.model_copy(
+        update={"moe": config.moe.model_copy(update={"tiers": [Tier(budget=budget, clients=1)]})}
+    )
+    return single.client_top_ks(k_max)[0], single.client_ranks()[0]
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node-config {name} = {value!r}: must be a number") from None
+
+
+def node_identity(node_config: dict[str, Any], config: ExperimentConfig) -> tuple[int, float]:
+    """(client id, budget beta) of a SuperNode.
+
+    The client id is node-config `client-id` (deployment) or `partition-id` (simulation); the budget is
+    node-config `beta` when set (deployment: each device declares what it can afford), else the budget
+    of that client's tier in the experiment config (simulation).
+    """
+    for name in ("client-id", "partition-id"):
+        if name in node_config:
+            value = node_config[name]
+            try:
+                client = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"node-config {name} = {value!r}: must be an integer") from None
+            break
+    else:
+        raise ValueError("the SuperNode's node-config has neither client-id nor partition-id")
+    if not 0 <= client < config.num_clients:
+        raise ValueError(f"client id {client} is outside the experiment's clients 0..{config.num_clients - 1}")
+    budget = _number(node_config["beta"], "beta") if "beta" in node_config else config.client_budgets()[client]
+    if not 0 < budget <= 1:
+        raise ValueError(f"node-config beta = {budget}: must be in (0, 1]")
+    return client, budget

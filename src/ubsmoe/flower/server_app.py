@@ -1,0 +1,131 @@
+"""The ServerApp: one `ubsmoe run` experiment driven over Flower (simulation or deployment).
+
+Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run ... --run-config "key=value"`):
+
+- `config`: path of the experiment YAML/TOML (`""`: the embedded default experiment);
+- `overrides`: `key=value` settings applied on top, separated by `;` (as `ubsmoe run --set`);
+- `out-dir`: the output folder (`""`: the config's `output.dir`); it receives what `ubsmoe run`
+  writes: config.yaml, initial_eval.json, metrics.jsonl, checkpoint/round_XXXX, summary.json,
+  plots, adapters;
+- `round-timeout`: seconds the server waits for a round's replies before carrying on without the rest;
+- `min-replies`: the fewest client updates a round may be aggregated from (below it the run stops);
+- `fraction-evaluate`: share of nodes asked for a federated evaluation (their LM loss) each round.
+
+Paths are used as given, so pass absolute ones where the ServerApp may run in another folder (a
+SuperLink runs it from its own working directory).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ubsmoe.config import load_config
+from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, tier_flops
+from ubsmoe.flower.records import state_to_records
+from ubsmoe.flower.runtime import load_runtime
+from ubsmoe.flower.strategy import UBSMoEStrategy
+
+__all__ = ["DEFAULTS", "ServerOptions", "app", "make_server_app", "run_server"]
+
+DEFAULTS: dict[str, Any] = {
+    "config": "",
+    "overrides": "",
+    "out-dir": "",
+    "round-timeout": 600.0,
+    "min-replies": 1,
+    "fraction-evaluate": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    config: str = ""
+    overrides: tuple[str, ...] = ()
+    out_dir: str = ""
+    round_timeout: float = 600.0
+    min_replies: int = 1
+    fraction_evaluate: float = 0.0
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> ServerOptions:
+        merged = {**DEFAULTS, **values}
+        overrides = merged["overrides"]
+        if isinstance(overrides, str):
+            overrides = [o.strip() for o in overrides.split(";")]
+        return cls(
+            config=str(merged["config"]),
+            overrides=tuple(o for o in overrides if o),
+            out_dir=str(merged["out-dir"]),
+            round_timeout=float(merged["round-timeout"]),
+            min_replies=int(merged["min-replies"]),
+            fraction_evaluate=float(merged["fraction-evaluate"]),
+        )
+
+
+def run_server(grid: Grid, options: ServerOptions) -> dict[str, Any]:
+    """Run the experiment of `options` over `grid`; writes the outputs and returns the summary."""
+    from ubsmoe.report.summary import build_summary, write_outputs
+
+    started = time.perf_counter()
+    config = load_config(options.config or None, list(options.overrides))
+    out = Path(options.out_dir or config.output.dir)
+    config = prepare_output(out, config, resume=False)
+    runtime = load_runtime(config)
+    model = runtime.loaded.model
+    top_ks = config.client_top_ks(runtime.loaded.k_max)
+    tiers = experiment_tiers(config, top_ks)
+    load_s = time.perf_counter() - started
+    flops = tier_flops(model, config, tiers, runtime.data)
+    evaluator = TierEvaluator(runtime.loaded, config, runtime.data, tiers, Reporter())
+    strategy = UBSMoEStrategy(
+        runtime,
+        evaluator,
+        out,
+        min_replies=options.min_replies,
+        round_timeout=options.round_timeout,
+        fraction_evaluate=options.fraction_evaluate,
+        keep_checkpoints=config.output.keep_checkpoints,
+    )
+    arrays, _ = state_to_records(strategy.state)
+    strategy.start(
+        grid,
+        arrays,
+        num_rounds=config.federation.rounds,
+        timeout=options.round_timeout,
+        evaluate_fn=strategy.evaluate_global,
+    )
+    summary = build_summary(
+        config=config,
+        loaded=runtime.loaded,
+        data=runtime.data,
+        tiers=tiers,
+        top_ks=top_ks,
+        flops=flops,
+        initial=strategy.initial_eval,
+        records=strategy.records,
+        timing={"load_s": load_s, "total_s": time.perf_counter() - started},
+    )
+    summary["runtime"] = {"kind": "flower", "nodes": {str(c): n.budget for c, n in sorted(strategy.nodes.items())}}
+    write_outputs(summary, model, out, config)
+    return summary
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run-config defaults are `defaults` (the run config still wins)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, ServerOptions.from_run_config({**(defaults or {}), **dict(context.run_config)}))
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,353 @@
+"""`UBSMoEStrategy`: the federated core's round, as a Flower `Strategy` (flwr 1.41 Message API).
+
+It carries the `GlobalState` (expert adapters, phi, a baseline's method state) as an `ArrayRecord`
+and calls exactly the functions of the in-process simulation (`ubsmoe.fl.simulation.run_simulation`):
+`sample_clients`, `client_rank`, `client_start` on the way out, `aggregate_round` (with its drop
+reasons) on the way back, `BaseMerger` for FLoRA/FLoRIST, the engine's per-tier evaluator, and
+`save_checkpoint` after every round. Seeds are derived the same way: torch from (seed, round) when a
+round starts, from (seed, round, "eval") before evaluating; a client seeds its own training from
+(seed, round, client). So with every node answering, a Flower run computes the same rounds as
+`ubsmoe run`.
+
+Nodes: at the start of every round the strategy asks each SuperNode it has not met yet for its client
+id and budget (a `query` message); a node's K_c and rank follow from its budget by the config's rules.
+The round's participants are drawn from the experiment's client ids, as in the simulation; a sampled
+client with no connected node, or whose node does not answer within the round timeout, or answers
+with an error, is recorded as missing (a metrics.jsonl line with `accepted: false` and the reason)
+and the round carries on with the updates it has, as long as there are at least `min_replies` of
+them; below that the run stops with `FederationError` (the last checkpoint stays, complete).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ubsmoe.config import ExperimentConfig
+from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, TierEvaluator, evaluation_due, initial_global_state
+from ubsmoe.fl.methods import client_rank, client_start, tier_view
+from ubsmoe.fl.payload import GlobalState, load_global_state
+from ubsmoe.fl.server import aggregate_round, sample_clients
+from ubsmoe.fl.simulation import derive_seed, resolve_run, round_outputs, run_fingerprint, save_round
+from ubsmoe.flower.client_app import IDENTITY, METRICS, RUN, UPDATE, UPDATE_META, start_state_content
+from ubsmoe.flower.records import records_to_update, state_to_records
+from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, config_to_json
+from ubsmoe.paths import write_text_atomic
+
+__all__ = ["FederationError", "UBSMoEStrategy"]
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few replies in a round, inconsistent nodes)."""
+
+
+@dataclasses.dataclass
+class _Node:
+    node_id: int
+    client: int
+    budget: float
+    top_k: int
+    rank: int
+
+
+@dataclasses.dataclass
+class _Round:
+    index: int
+    started: float
+    participants: list[int]
+    ranks: dict[int, int | None]
+    sent_to: dict[int, int]  # client -> node id
+    start_state: GlobalState
+    updates: dict[int, Any] = dataclasses.field(default_factory=dict)
+    missing: dict[int, str] = dataclasses.field(default_factory=dict)
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    client_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class UBSMoEStrategy(Strategy):
+    """The ServerApp's strategy; see the module docstring. `records` holds the per-round records."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        evaluator: TierEvaluator,
+        out_dir: str | Path,
+        *,
+        min_replies: int = 1,
+        round_timeout: float = 600.0,
+        fraction_evaluate: float = 0.0,
+        keep_checkpoints: int | None = None,
+    ):
+        config: ExperimentConfig = runtime.config
+        if min_replies < 1:
+            raise ValueError(f"min-replies = {min_replies}: must be >= 1")
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate = {fraction_evaluate}: must be in [0, 1]")
+        self.runtime, self.config, self.evaluator = runtime, config, evaluator
+        self.out = Path(out_dir)
+        self.min_replies, self.round_timeout, self.fraction_evaluate = min_replies, round_timeout, fraction_evaluate
+        self.keep_checkpoints = keep_checkpoints
+        self.method = runtime.method
+        self.client_settings, self.run = resolve_run(config, None, None, None, None, None, None, None)
+        self.max_norm = config.federation.max_update_norm
+        model = runtime.loaded.model
+        self.state = initial_global_state(model, config)
+        self.client_ids = list(range(config.num_clients))
+        self.configured_top_ks = config.client_top_ks(runtime.loaded.k_max)
+        self.configured_ranks = config.client_ranks()
+        self.fingerprint = run_fingerprint(
+            runtime.data.client_encoded,
+            self.configured_top_ks,
+            self.client_settings,
+            self.run,
+            self.max_norm,
+            runtime.pad_id,
+            self.method,
+            self.configured_ranks,
+        )
+        self.config_json = config_to_json(config)
+        self.nodes: dict[int, _Node] = {}  # client id -> node
+        self.records: list[dict[str, Any]] = []
+        self.initial_eval: dict[str, Any] | None = None
+        self.current: _Round | None = None
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _run_record(self, **extra: Any) -> dict[str, Any]:
+        return {
+            CONFIG_KEY: self.config_json,
+            "seed": int(self.run["seed"]),
+            "batch-size": int(self.run["batch_size"]),
+            **extra,
+        }
+
+    def _discover(self, grid: Grid) -> None:
+        """Learn the client id and budget of every SuperNode not met yet; forget the ones gone."""
+        node_ids = set(grid.get_node_ids())
+        self.nodes = {c: n for c, n in self.nodes.items() if n.node_id in node_ids}
+        known = {n.node_id for n in self.nodes.values()}
+        new = sorted(node_ids - known)
+        if not new:
+            return
+        messages = [
+            Message(
+                RecordDict({RUN: ConfigRecord(self._run_record())}), dst_node_id=node, message_type=MessageType.QUERY
+            )
+            for node in new
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %s could not say who it is: %s", node_id, reply.error.reason)
+                continue
+            identity = reply.content.config_records[IDENTITY]
+            client, budget = int(identity["client-id"]), float(identity["budget"])
+            if client in self.nodes and self.nodes[client].node_id != node_id:
+                raise FederationError(
+                    f"nodes {self.nodes[client].node_id} and {node_id} both say they are client {client}; "
+                    "give every SuperNode its own client-id"
+                )
+            configured = self.config.client_budgets()[client]
+            if abs(budget - configured) > 1e-12:
+                log(
+                    WARNING, "client %s declares beta=%s; the experiment config gives it %s", client, budget, configured
+                )
+            top_k, rank = budget_settings(self.config, budget, self.runtime.loaded.k_max)
+            self.nodes[client] = _Node(node_id, client, budget, top_k, rank)
+        log(INFO, "nodes: %s", {c: (n.node_id, n.budget) for c, n in sorted(self.nodes.items())})
+
+    # ---- training ----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        index = server_round - 1
+        started = time.perf_counter()
+        torch.manual_seed(derive_seed(self.run["seed"], index))
+        self.state = dataclasses.replace(self.state, round=index)
+        self._discover(grid)
+        participants = sample_clients(self.client_ids, self.run["fraction"], index, self.run["seed"])
+        ranks = {
+            c: client_rank(self.method, self.state, c, self._node_rank(c)) if self.method.uses_ranks else None
+            for c in participants
+        }
+        current = _Round(index, started, list(participants), ranks, {}, self.state)
+        messages = []
+        for client in participants:
+            node = self.nodes.get(client)
+            if node is None:
+                current.missing[client] = "no connected SuperNode has this client id"
+                continue
+            start = client_start(self.method, self.state, ranks[client], client)
+            messages.append(self._message(node, start, MessageType.TRAIN, index, ranks[client]))
+            current.sent_to[client] = node.node_id
+        self.current = current
+        log(INFO, "round %s: clients %s, sent to %s", index, participants, current.sent_to)
+        return messages
+
+    def _message(self, node: _Node, state: GlobalState, kind: str, index: int, rank: int | None = None) -> Message:
+        """A train or evaluate message: `state`'s adapters and phi, FLoRA/FLoRIST's merges so far (A3SMoE's
+        local tensors stay on the client, in its context.state), and the run settings."""
+        state.method_state = {
+            k: v for k, v in self.state.method_state.items() if k.startswith(("merged_A.", "merged_B."))
+        }
+        run = self._run_record(**{"client-id": node.client, "top-k": node.top_k})
+        if rank is not None:
+            run["rank"] = int(rank)
+        content = start_state_content(run, state)
+        return Message(content, dst_node_id=node.node_id, message_type=kind, group_id=str(index))
+
+    def _node_rank(self, client: int) -> int:
+        node = self.nodes.get(client)
+        return node.rank if node is not None else self.configured_ranks[client]
+
+    def _top_k(self, client: int) -> int:
+        node = self.nodes.get(client)
+        return node.top_k if node is not None else self.configured_top_ks[client]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        current = self.current
+        assert current is not None and current.index == server_round - 1
+        client_of = {node: client for client, node in current.sent_to.items()}
+        for reply in replies:
+            client = client_of.get(reply.metadata.src_node_id)
+            if client is None:
+                continue
+            if reply.has_error():
+                current.missing[client] = f"the client failed: {reply.error.reason}"
+                continue
+            try:
+                content = reply.content
+                current.updates[client] = records_to_update(
+                    content.array_records[UPDATE], content.config_records[UPDATE_META], content.metric_records[METRICS]
+                )
+            except Exception as error:  # a malformed reply is dropped, with its reason
+                current.missing[client] = f"malformed reply ({type(error).__name__}: {error})"
+        for client in current.sent_to:
+            if client not in current.updates and client not in current.missing:
+                current.missing[client] = f"no reply within the round timeout ({self.round_timeout:g} s)"
+        updates = [current.updates[c] for c in current.participants if c in current.updates]
+        if current.missing:
+            log(WARNING, "round %s: missing clients %s", current.index, current.missing)
+        if len(updates) < self.min_replies:
+            raise FederationError(
+                f"round {current.index}: {len(updates)} client update(s) arrived, fewer than min-replies = "
+                f"{self.min_replies} (missing: {current.missing}); the run stops at the checkpoint of round "
+                f"{current.index}"
+            )
+        new_state, report = aggregate_round(
+            self.state,
+            updates,
+            zeta=self.run["zeta"],
+            eps=self.run["eps"],
+            max_norm=self.max_norm,
+            dmr=self.run["dmr"],
+            method=self.method,
+        )
+        if self.runtime.merger is not None:
+            self.runtime.merger.apply(new_state)
+        load_global_state(self.runtime.loaded.model, new_state)
+        current.report = report
+        self.state = new_state
+        arrays, _ = state_to_records(new_state)
+        metrics = MetricRecord({k: v for k, v in report.get("metrics", {}).items() if isinstance(v, int | float)})
+        return arrays, metrics
+
+    # ---- federated evaluation (optional) -----------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0:
+            return []
+        index = server_round - 1
+        clients = sample_clients(sorted(self.nodes), self.fraction_evaluate, index, f"{self.run['seed']}:eval")
+        messages = []
+        for client in clients:
+            node = self.nodes[client]
+            rank = client_rank(self.method, self.state, client, node.rank)
+            view = tier_view(self.method, self.state, rank, [client])
+            messages.append(self._message(node, view, MessageType.EVALUATE, index))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        losses, weights = [], []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content.metric_records[METRICS]
+            losses.append(float(metrics["eval_loss"]))
+            weights.append(float(metrics["eval_tokens"]))
+        if not losses or sum(weights) == 0:
+            return None
+        mean = sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights)
+        if self.current is not None:
+            self.current.client_eval = {"eval_loss": mean, "clients": len(losses)}
+        return MetricRecord({"eval_loss": mean})
+
+    # ---- central evaluation, records and checkpoint (the `evaluate_fn` of `Strategy.start`) -------------
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        model = self.runtime.loaded.model
+        if server_round == 0:
+            if not self.config.evaluation.initial:
+                return None
+            torch.manual_seed(self.config.seed)
+            self.initial_eval = self.evaluator(model, None, initial_global_state(model, self.config))
+            write_text_atomic(self.out / INITIAL_EVAL_FILE, json.dumps(self.initial_eval, indent=2) + "\n")
+            load_global_state(model, self.state)
+            return MetricRecord({"mean_accuracy": float(self.initial_eval["mean_accuracy"])})
+        current = self.current
+        assert current is not None and current.index == server_round - 1
+        eval_metrics: Mapping[str, Any] = {}
+        eval_time = 0.0
+        if evaluation_due(self.config, current.index):
+            torch.manual_seed(derive_seed(self.run["seed"], current.index, "eval"))
+            started = time.perf_counter()
+            eval_metrics = self.evaluator(model, current.index, self.state) or {}
+            eval_time = time.perf_counter() - started
+            load_global_state(model, self.state)
+        self._finish_round(current, eval_metrics, eval_time)
+        if eval_metrics:
+            return MetricRecord({"mean_accuracy": float(eval_metrics["mean_accuracy"])})
+        return None
+
+    def _finish_round(self, current: _Round, eval_metrics: Mapping[str, Any], eval_time: float) -> None:
+        lines, record = round_outputs(
+            current.index,
+            current.participants,
+            current.updates,
+            {c: self._top_k(c) for c in current.participants},
+            current.start_state,
+            current.report,
+            self.method,
+            current.ranks,
+            self.max_norm,
+            eval_metrics,
+            eval_time,
+            current.started,
+            missing=current.missing,
+            extra={"client_eval": current.client_eval} if current.client_eval else None,
+        )
+        self.records.append(record)
+        save_round(self.out, self.state, self.records, lines, self.fingerprint, self.keep_checkpoints, runtime="flower")
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "UBSMoEStrategy: method %s, %s clients, fraction %s, min-replies %s, round timeout %s s",
+            self.method.name,
+            len(self.client_ids),
+            self.run["fraction"],
+            self.min_replies,
+            self.round_timeout,
+        )
