@@ -354,6 +354,8 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert trainable and all(".lora." in n or n.endswith(".phi") for n in trainable)
     other = load_moefied(tmp_path, UBSMoEConfig(lora_rank=2, dmr=False))
     assert all(b.config.lora_rank == 2 and b.config.unit_gates for _, b in moefied_blocks(other))
+    rescaled = load_moefied(tmp_path, UBSMoEConfig(output_rescale=True))  # A3SMoE's scale is not in the file
+    assert all(float(b.output_scale) == 1.0 for _, b in moefied_blocks(rescaled))
 
 
 def test_cache_hit_does_not_recalibrate(tmp_path):
