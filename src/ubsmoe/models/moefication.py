@@ -977,7 +977,9 @@ def _build_block(plan: _LayerPlan, config: MoEficationConfig, layer_config: UBSM
 # ---- save / load -------------------------------------------------------------------------------
 def _is_adapter_key(key: str, block_names: Sequence[str]) -> bool:
     """Trainable block state that the saved model does not carry: phi, expert LoRA, A3SMoE's output scale."""
-    return any(key in (f"{name}.phi", f"{name}.output_scale") or key.startswith(f"{name}.lora.") for name in block_names)
+    return any(
+        key in (f"{name}.phi", f"{name}.output_scale") or key.startswith(f"{name}.lora.") for name in block_names
+    )
 
 
 def save_moefied(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
