@@ -1,10 +1,16 @@
 """A Flower deployment on one machine: a SuperLink, one SuperNode per client, one run, then everything stopped.
 
     python -m ubsmoe.flower.deploy --config my.yaml --out runs/flower-local [--set key=value ...]
+    python -m ubsmoe.flower.deploy --simulation --config my.yaml --out runs/flower-sim
+
+With `--simulation` the SuperLink runs the federation itself in simulation mode (Ray, one virtual
+SuperNode per client, tiers by partition-id) and step 3 is skipped; everything else is the same, so
+this is also the `flwr run` route to a local simulation.
 
 1. writes a Flower config (`OUT/flwr-home/config.toml`, used through FLWR_HOME) with one SuperLink
-   connection, `ubsmoe-local`, at 127.0.0.1:PORT, insecure (loopback only);
-2. starts `flower-superlink --insecure --host 127.0.0.1 --port PORT
+   connection, `ubsmoe-local`, at 127.0.0.1:PORT, insecure (loopback only; with `--simulation`, also
+   `options.num-supernodes` = the number of clients and one CPU per virtual client);
+2. starts `flower-superlink --insecure [--simulation] --host 127.0.0.1 --port PORT
    --disable-runtime-dependency-installation` (Fleet, Control and Runtime APIs over HTTP on that one
    port in flwr 1.41; without the last flag the SuperLink `uv sync`s the app's dependencies into a new
    environment for every run, pulling an unpinned torch with CUDA);
@@ -14,8 +20,10 @@
 4. submits the app with `flwr run APP ubsmoe-local --stream --run-config ...` and waits for it;
 5. stops every process it started (also on an error or Ctrl-C), and checks that OUT/summary.json exists.
 
-Logs go to OUT/logs/. `--kill-node I --kill-after S` kills SuperNode I S seconds after the run was
-submitted (a fault drill: the run carries on without it, see docs/flower.md).
+Logs go to OUT/logs/. Fault drill (the run carries on without the node, see docs/flower.md):
+`--kill-node I --kill-after-round R` kills SuperNode I (SIGKILL, no goodbye to the SuperLink) as soon
+as the checkpoint of round R is on disk, so it is gone for round R + 1; `--kill-node I --kill-after S`
+kills it S seconds after the run was submitted instead.
 """
 
 from __future__ import annotations
@@ -33,18 +41,23 @@ import threading
 import time
 from pathlib import Path
 
-from ubsmoe.config import load_config
+from ubsmoe.config import ConfigError, load_config
+from ubsmoe.fl.checkpoint import list_checkpoints
 
-__all__ = ["main", "run_local_deployment"]
+__all__ = ["DeploymentError", "main", "run_local_deployment"]
 
 CONNECTION = "ubsmoe-local"
+
+
+class DeploymentError(ValueError):
+    """The deployment cannot start as asked (a missing Flower tool, busy ports, bad options); says why."""
 
 
 def _tool(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
-        raise SystemExit(f"error: {name} not found; install the Flower extra: pip install -e '.[flower]'")
+        raise DeploymentError(f"{name} not found; install the Flower extra: pip install -e '.[flower]'")
     return found
 
 
@@ -80,27 +93,38 @@ def run_local_deployment(
     min_replies: int = 1,
     kill_node: int | None = None,
     kill_after: float = 0.0,
+    kill_after_round: int | None = None,
+    simulation: bool = False,
     timeout: float = 1800.0,
 ) -> int:
-    """Run one experiment on a local SuperLink + SuperNodes; returns the exit code of `flwr run`."""
+    """Run one experiment on a local SuperLink + SuperNodes; returns 0 when the run wrote its summary.
+
+    `kill_node` (with `kill_after_round`, else `kill_after` seconds) is the fault drill of the module
+    docstring.
+    """
     config = load_config(config_path, overrides)
     nodes = config.num_clients
     budgets = betas if betas is not None else config.client_budgets()
     if len(budgets) != nodes:
-        raise SystemExit(f"error: {len(budgets)} budgets given for {nodes} clients")
-    ports = [port, *range(port + 1, port + 1 + nodes)]
+        raise DeploymentError(f"{len(budgets)} budgets given for {nodes} clients")
+    if kill_node is not None and not 0 <= kill_node < nodes:
+        raise DeploymentError(f"--kill-node {kill_node}: the nodes are 0..{nodes - 1}")
+    if simulation and (kill_node is not None or betas is not None):
+        raise DeploymentError("--simulation runs virtual SuperNodes: --kill-node and --beta need a deployment")
+    ports = [port] if simulation else [port, *range(port + 1, port + 1 + nodes)]
     busy = [p for p in ports if not _free(p)]
     if busy:
-        raise SystemExit(f"error: port(s) {busy} on 127.0.0.1 are in use; pick another --port")
+        raise DeploymentError(f"port(s) {busy} on 127.0.0.1 are in use; pick another --port")
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} is not empty; choose a new --out")
+        raise DeploymentError(f"{out} is not empty; choose a new --out")
     logs, home = out / "logs", out / "flwr-home"
     logs.mkdir(parents=True)
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        + (f"options.num-supernodes = {nodes}\noptions.backend.client-resources.num-cpus = 1\n" if simulation else ""),
         encoding="utf-8",
     )
     env = {**os.environ, "FLWR_HOME": str(home)}
@@ -124,6 +148,7 @@ def run_local_deployment(
             [
                 _tool("flower-superlink"),
                 "--insecure",
+                *(["--simulation"] if simulation else []),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -133,7 +158,7 @@ def run_local_deployment(
         )
         _wait_for_port(port, 60, superlink)
         supernodes = []
-        for client, beta in enumerate(budgets):
+        for client, beta in enumerate([] if simulation else budgets):
             supernodes.append(
                 start(
                     f"supernode-{client}",
@@ -161,12 +186,20 @@ def run_local_deployment(
         command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config]
         with open(logs / "flwr-run.log", "w", encoding="utf-8") as run_log:
             runner = subprocess.Popen(command, stdout=run_log, stderr=subprocess.STDOUT, env=env, cwd=out)
+            submitted = time.monotonic()
             started.append(runner)
             if kill_node is not None:
 
+                def due() -> bool:
+                    if kill_after_round is None:
+                        return time.monotonic() - submitted >= kill_after
+                    done = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "run" / "checkpoint")]
+                    return bool(done) and max(done) >= kill_after_round
+
                 def kill() -> None:
-                    time.sleep(kill_after)
-                    if supernodes[kill_node].poll() is None:
+                    while runner.poll() is None and not due():
+                        time.sleep(0.2)
+                    if runner.poll() is None and supernodes[kill_node].poll() is None:
                         os.killpg(supernodes[kill_node].pid, signal.SIGKILL)
                         (logs / "killed.txt").write_text(f"supernode-{kill_node} at {time.time():.0f}\n")
 
@@ -207,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-replies", type=int, default=1)
     parser.add_argument("--kill-node", type=int, help="fault drill: kill this SuperNode ...")
     parser.add_argument("--kill-after", type=float, default=30.0, help="... this many seconds after submitting")
+    parser.add_argument("--kill-after-round", type=int, help="... or once the checkpoint of this round is written")
+    parser.add_argument("--simulation", action="store_true", help="a simulation SuperLink (Ray) instead of SuperNodes")
     parser.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[3], help="the Flower app folder")
     args = parser.parse_args(argv)
     try:
@@ -221,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             min_replies=args.min_replies,
             kill_node=args.kill_node,
             kill_after=args.kill_after,
+            kill_after_round=args.kill_after_round,
+            simulation=args.simulation,
         )
     except KeyboardInterrupt:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
+    except (DeploymentError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

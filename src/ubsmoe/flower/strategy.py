@@ -69,6 +69,7 @@ class _Round:
     ranks: dict[int, int | None]
     sent_to: dict[int, int]  # client -> node id
     start_state: GlobalState
+    sent: dict[int, Message] = dataclasses.field(default_factory=dict)  # client -> its train message
     updates: dict[int, Any] = dataclasses.field(default_factory=dict)
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -139,14 +140,16 @@ class UBSMoEStrategy(Strategy):
         new = sorted(node_ids - known)
         if not new:
             return
-        messages = [
-            Message(
+        messages = {
+            node: Message(
                 RecordDict({RUN: ConfigRecord(self._run_record())}), dst_node_id=node, message_type=MessageType.QUERY
             )
             for node in new
-        ]
-        for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
-            node_id = reply.metadata.src_node_id
+        }
+        replies = grid.send_and_receive(list(messages.values()), timeout=self.round_timeout)
+        node_of_message = {m.metadata.message_id: node for node, m in messages.items()}
+        for reply in replies:
+            node_id = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 log(WARNING, "node %s could not say who it is: %s", node_id, reply.error.reason)
                 continue
@@ -188,7 +191,8 @@ class UBSMoEStrategy(Strategy):
                 current.missing[client] = "no connected SuperNode has this client id"
                 continue
             start = client_start(self.method, self.state, ranks[client], client)
-            messages.append(self._message(node, start, MessageType.TRAIN, index, ranks[client]))
+            current.sent[client] = self._message(node, start, MessageType.TRAIN, index, ranks[client])
+            messages.append(current.sent[client])
             current.sent_to[client] = node.node_id
         self.current = current
         log(INFO, "round %s: clients %s, sent to %s", index, participants, current.sent_to)
@@ -219,9 +223,14 @@ class UBSMoEStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         current = self.current
         assert current is not None and current.index == server_round - 1
-        client_of = {node: client for client, node in current.sent_to.items()}
+        # the grid stamps each sent message with its id; a reply names it, also an error reply that the
+        # SuperLink writes itself for a node gone offline (whose source is the SuperLink, not the node)
+        client_of_message = {m.metadata.message_id: c for c, m in current.sent.items() if m.metadata.message_id}
+        client_of_node = {node: client for client, node in current.sent_to.items()}
         for reply in replies:
-            client = client_of.get(reply.metadata.src_node_id)
+            client = client_of_message.get(reply.metadata.reply_to_message_id)
+            if client is None:
+                client = client_of_node.get(reply.metadata.src_node_id)
             if client is None:
                 continue
             if reply.has_error():
