@@ -20,9 +20,10 @@ def setup(tmp_path_factory):
     return write_experiment(tmp_path_factory.mktemp("compare"))
 
 
-def _compare(setup, methods, out, *extra):
+def _compare(setup, methods, out, *extra, flags=()):
     sets = [x for item in [*QUICK, "federation.rounds=1", *extra] for x in ("--set", item)]
     args = ["compare", "--methods", methods, "--seeds", "2", "-c", str(setup["config"]), "--out", str(out), *sets]
+    args += list(flags)
     return CliRunner().invoke(app, args)
 
 
@@ -48,6 +49,19 @@ def test_a_short_comparison_writes_its_table_and_plots(setup):
     again = _compare(setup, "ubsmoe,smoe-naive", out)  # every run is reused
     assert again.exit_code == 0 and again.output.count("reused") == 4
     assert json.loads((out / "comparison.json").read_text())["methods"] == comparison["methods"]
+
+
+def test_finished_only_tables_the_finished_runs_and_runs_nothing(setup):
+    out = setup["root"] / "cmp"  # ubsmoe and smoe-naive finished there by the test above
+    result = _compare(setup, "ubsmoe,fedit,smoe-naive", out, flags=["--finished-only"])
+    assert result.exit_code == 0, result.output
+    assert "started" not in result.output and not (out / "fedit").exists()
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [row["label"] for row in comparison["methods"]] == ["ubsmoe", "smoe-naive"]
+    assert comparison["missing"] == [{"method": "fedit", "seed": s, "status": "absent"} for s in (0, 1)]
+    assert "fedit seed 0 (absent)" in " ".join(result.output.split())
+    empty = _compare(setup, "fedit", setup["root"] / "nothing-yet", flags=["--finished-only"])
+    assert empty.exit_code == 2 and "no finished run" in " ".join(empty.output.split())
 
 
 def test_bad_input_gives_one_message(setup):

@@ -159,6 +159,9 @@ def compare(
     out: Annotated[Path, typer.Option(help="Comparison folder; run the same command again to resume.")] = Path(
         "runs/compare"
     ),
+    finished_only: Annotated[
+        bool, typer.Option("--finished-only", help="Run nothing: the table of the runs finished so far.")
+    ] = False,
 ) -> None:
     """Run the same experiment for several methods and seeds: comparison.json, comparison.md and plots/."""
     from ubsmoe.compare import method_labels, run_comparison
@@ -179,7 +182,7 @@ def compare(
         return _run_experiment(experiment, folder, resume, show_table=False)
 
     try:
-        comparison = run_comparison(base, labels, seeds, out, run=one_run, on_run=announce)
+        comparison = run_comparison(base, labels, seeds, out, run=one_run, on_run=announce, finished_only=finished_only)
     except ConfigError as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
@@ -187,6 +190,9 @@ def compare(
     from ubsmoe.report.comparison import comparison_markdown
 
     print(comparison_markdown(comparison))
+    if comparison["missing"]:
+        runs = ", ".join(f"{m['method']} seed {m['seed']} ({m['status']})" for m in comparison["missing"])
+        console.print(f"not in the table yet: {runs}")
     console.print(f"wrote [bold]{out / 'comparison.json'}[/], comparison.md and plots/ in {out}")
 
 

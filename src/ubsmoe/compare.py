@@ -15,6 +15,10 @@ M experts (where K_max = M, as in MoEfied models, the three coincide; the compar
 
 Outputs: `OUT/comparison.json` (`ubsmoe.report.comparison.build_comparison`, plus the command, the
 base configuration and the N_p actually used), `OUT/comparison.md` and `OUT/plots/`.
+
+`finished_only=True` (`ubsmoe compare --finished-only`) runs nothing: it builds the comparison from the
+runs that have a summary.json, lists the others under `missing`, and leaves out a method with none,
+so a long comparison can be read while it runs (and the table says how many seeds each row has).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def run_comparison(
     out: str | Path,
     run: Callable[[ExperimentConfig | None, Path, bool], dict[str, Any]] | None = None,
     on_run: Callable[[str, int, str], None] | None = None,
+    finished_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) every (label, seed), then write and return the comparison; see the module docstring.
 
@@ -117,6 +122,7 @@ def run_comparison(
     started = time.perf_counter()
     summaries: dict[str, list[dict[str, Any]]] = {}
     candidates: dict[str, int | None] = {}
+    missing: list[dict[str, Any]] = []
     for label in labels:
         summaries[label] = []
         for index in range(seeds):
@@ -132,6 +138,11 @@ def run_comparison(
                 status = "resumed"
             else:
                 status = "started"
+            if finished_only and status != "reused":
+                missing.append(
+                    {"method": label, "seed": seed, "status": "unfinished" if status == "resumed" else "absent"}
+                )
+                continue
             if on_run is not None:
                 on_run(label, seed, status)
             if status == "resumed":
@@ -140,7 +151,11 @@ def run_comparison(
                 summary = run(config, folder, False)
             summaries[label].append(summary)
 
+    summaries = {label: runs for label, runs in summaries.items() if runs}
+    if not summaries:
+        raise ConfigError(f"{out} holds no finished run of {', '.join(labels)} yet")
     comparison = build_comparison(summaries)
+    comparison["missing"] = missing
     comparison["command"] = " ".join(sys.argv)
     comparison["seeds"] = seeds
     comparison["num_candidates"] = candidates
