@@ -89,7 +89,7 @@ def run_local_deployment(
     app_dir: Path,
     port: int = 39200,
     betas: list[float] | None = None,
-    round_timeout: float = 120.0,
+    round_timeout: float = 600.0,
     min_replies: int = 1,
     kill_node: int | None = None,
     kill_after: float = 0.0,
@@ -229,6 +229,16 @@ def run_local_deployment(
             handle.close()
 
 
+def _last_error(log: Path) -> str:
+    """': <the ServerApp's last error line>' from the run's log, or '' when it has none."""
+    with contextlib.suppress(OSError):
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+        errors = [line for line in lines if "Error:" in line or "Error(" in line]
+        if errors:
+            return f": {errors[-1]}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ubsmoe.flower.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="experiment YAML/TOML (default: the embedded default experiment)")
@@ -236,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="a new folder: logs, Flower config and run outputs")
     parser.add_argument("--port", type=int, default=39200, help="SuperLink port; SuperNodes use the next ones")
     parser.add_argument("--beta", type=float, action="append", help="budget of node i (repeat once per node)")
-    parser.add_argument("--round-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for replies (a fresh ClientApp "
+        "process loads the model for every message, minutes on a busy CPU)",
+    )
     parser.add_argument("--min-replies", type=int, default=1)
     parser.add_argument("--kill-node", type=int, help="fault drill: kill this SuperNode ...")
     parser.add_argument("--kill-after", type=float, default=30.0, help="... this many seconds after submitting")
@@ -269,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = args.out.resolve() / "run" / "summary.json"
-    print(f"done: {summary}" if code == 0 else f"the run failed (code {code}); logs in {args.out / 'logs'}")
+    if code == 0:
+        print(f"done: {summary}")
+    else:
+        print(
+            f"the run failed (code {code}){_last_error(args.out / 'logs' / 'flwr-run.log')}; logs in {args.out / 'logs'}"
+        )
     return code
 
 
