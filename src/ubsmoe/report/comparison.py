@@ -138,19 +138,30 @@ def write_comparison_plots(comparison: Mapping[str, Any], folder: Path) -> list[
     folder.mkdir(parents=True, exist_ok=True)
     rows, budgets = comparison["methods"], comparison["budgets"]
     written = []
+    # one distinct colour per method: tab10 repeats after ten, and a comparison with ablations has twelve
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    colours = {row["label"]: palette(i % palette.N) for i, row in enumerate(rows)}
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * len(budgets) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) * len(budgets)) + 2, 4))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         means = [100 * (t["accuracy"]["mean"] or 0) for t in row["tiers"]]
         stds = [100 * (t["accuracy"]["std"] or 0) for t in row["tiers"]]
-        ax.bar([j + i * width for j in range(len(budgets))], means, width, yerr=stds, label=row["label"], capsize=2)
+        ax.bar(
+            [j + i * width for j in range(len(budgets))],
+            means,
+            width,
+            yerr=stds,
+            label=row["label"],
+            capsize=2,
+            color=colours[row["label"]],
+        )
     if comparison.get("chance") is not None:
         ax.axhline(100 * comparison["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(budgets))], [f"β={b:g}" for b in budgets])
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy per budget tier (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
     fig.tight_layout()
     written.append(folder / "accuracy_by_tier.png")
     fig.savefig(written[-1], dpi=120)
@@ -164,7 +175,7 @@ def write_comparison_plots(comparison: Mapping[str, Any], folder: Path) -> list[
             if t["flops_per_sample"].get("analytic") is not None and t["accuracy"]["mean"] is not None
         ]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=row["label"])
+            ax.plot(*zip(*points, strict=True), marker="o", label=row["label"], color=colours[row["label"]])
     ax.set_xlabel("training GFLOPs per sample (analytic)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs compute, one point per tier")
