@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     return setup
 
 
-def _deploy(setup, name: str, **options) -> tuple[int, object]:
+def _deploy(setup, name: str, **options) -> tuple[int, Path]:
     out = setup["root"] / name
     code = run_local_deployment(
         str(setup["config"]), out, list(QUICK), app_dir=APP_DIR, port=_free_ports(5), timeout=900, **options

@@ -67,7 +67,6 @@ class _Round:
     started: float
     participants: list[int]
     ranks: dict[int, int | None]
-    sent_to: dict[int, int]  # client -> node id
     start_state: GlobalState
     sent: dict[int, Message] = dataclasses.field(default_factory=dict)  # client -> its train message
     updates: dict[int, Any] = dataclasses.field(default_factory=dict)
@@ -183,7 +182,7 @@ class UBSMoEStrategy(Strategy):
             c: client_rank(self.method, self.state, c, self._node_rank(c)) if self.method.uses_ranks else None
             for c in participants
         }
-        current = _Round(index, started, list(participants), ranks, {}, self.state)
+        current = _Round(index, started, list(participants), ranks, self.state)
         messages = []
         for client in participants:
             node = self.nodes.get(client)
@@ -193,9 +192,9 @@ class UBSMoEStrategy(Strategy):
             start = client_start(self.method, self.state, ranks[client], client)
             current.sent[client] = self._message(node, start, MessageType.TRAIN, index, ranks[client])
             messages.append(current.sent[client])
-            current.sent_to[client] = node.node_id
         self.current = current
-        log(INFO, "round %s: clients %s, sent to %s", index, participants, current.sent_to)
+        sent_to = {c: m.metadata.dst_node_id for c, m in current.sent.items()}
+        log(INFO, "round %s: clients %s, sent to %s", index, participants, sent_to)
         return messages
 
     def _message(self, node: _Node, state: GlobalState, kind: str, index: int, rank: int | None = None) -> Message:
@@ -226,7 +225,7 @@ class UBSMoEStrategy(Strategy):
         # the grid stamps each sent message with its id; a reply names it, also an error reply that the
         # SuperLink writes itself for a node gone offline (whose source is the SuperLink, not the node)
         client_of_message = {m.metadata.message_id: c for c, m in current.sent.items() if m.metadata.message_id}
-        client_of_node = {node: client for client, node in current.sent_to.items()}
+        client_of_node = {m.metadata.dst_node_id: c for c, m in current.sent.items()}
         for reply in replies:
             client = client_of_message.get(reply.metadata.reply_to_message_id)
             if client is None:
@@ -243,7 +242,7 @@ class UBSMoEStrategy(Strategy):
                 )
             except Exception as error:  # a malformed reply is dropped, with its reason
                 current.missing[client] = f"malformed reply ({type(error).__name__}: {error})"
-        for client in current.sent_to:
+        for client in current.sent:
             if client not in current.updates and client not in current.missing:
                 current.missing[client] = f"no reply within the round timeout ({self.round_timeout:g} s)"
         updates = [current.updates[c] for c in current.participants if c in current.updates]
