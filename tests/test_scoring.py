@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -196,3 +197,34 @@ def test_argmax_accuracy_matches_naive(llama):
     assert [argmax(r) for r in fast] == [argmax(r) for r in slow]
     accuracy = sum(argmax(r) == a for r, a in zip(fast, answers, strict=True)) / len(answers)
     assert accuracy == sum(argmax(r) == a for r, a in zip(slow, answers, strict=True)) / len(answers)
+
+
+def test_cache_passed_under_the_name_the_model_takes(llama, llama_data):
+    """transformers 5.x renamed past_key_values to cache; the old name warns and is announced to go in 5.40."""
+    import functools
+    import warnings
+
+    from ubsmoe.metrics.kv_cache import cache_keyword
+
+    expected = "cache" if "cache" in inspect.signature(type(llama).forward).parameters else "past_key_values"
+    assert cache_keyword(llama) == expected
+    seen: list[set[str]] = []
+    original = llama.forward
+
+    @functools.wraps(original)
+    def recording(*args, **kwargs):
+        seen.append(set(kwargs))
+        return original(*args, **kwargs)
+
+    prompts, choices, reference = llama_data
+    llama.forward = recording
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            scores = choice_logprobs(llama, prompts, choices, PAD, batch_size=4)
+    finally:
+        del llama.forward
+    assert _max_diff(scores, reference) < 1e-4
+    assert any(expected in names for names in seen)  # the choice passes ran on the prompt's cache
+    other = {"cache", "past_key_values"} - {expected}
+    assert not any(other & names for names in seen)

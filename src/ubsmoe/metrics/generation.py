@@ -2,7 +2,7 @@
 
 Each prompt is encoded without special tokens (its last `max_prompt_tokens` tokens are kept), a
 batch is left-padded, and a continuation is decoded greedily with the model's KV cache: a plain
-forward loop (`model(input_ids, attention_mask, position_ids, past_key_values, use_cache=True)`),
+forward loop (`model(input_ids, attention_mask, position_ids, cache, use_cache=True)`, see `kv_cache`),
 not `model.generate`, so models whose MoE layers are custom blocks work unchanged. Positions come
 from the attention mask, so left padding does not shift them. A row stops at the tokenizer's EOS or
 after `max_new_tokens`. The generated tokens alone are decoded, and the prediction is the choice
@@ -20,6 +20,7 @@ import torch
 
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import encode_text, left_pad, pad_token_id
+from ubsmoe.metrics.kv_cache import cache_keyword, returned_cache
 from ubsmoe.moe.model import model_device
 
 
@@ -81,15 +82,16 @@ def greedy_generate(
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     past = None
+    cache_name = cache_keyword(model)
     for step in range(max_new_tokens):
         output = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past,
             use_cache=True,
+            **{cache_name: past},
         )
-        past = output.past_key_values
+        past = returned_cache(output)
         next_tokens = output.logits[:, -1].argmax(dim=-1)
         for row, token in enumerate(next_tokens.tolist()):
             if done[row]:

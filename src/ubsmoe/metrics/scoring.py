@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ubsmoe.data.prompts import left_pad
+from ubsmoe.metrics.kv_cache import cache_keyword, returned_cache
 from ubsmoe.moe.model import model_device
 
 
@@ -69,7 +70,8 @@ def _score_batch(
         **extra,
     )
     first = F.log_softmax(output.logits[:, -1].float(), dim=-1)  # predicts each choice's first token
-    cache = output.past_key_values
+    cache = returned_cache(output)
+    cache_name = cache_keyword(model)
     prompt_lengths = prompt_mask.sum(-1, keepdim=True)  # (rows, 1): the first choice token's position
 
     scores = [[0.0] * len(example) for example in choices]
@@ -100,10 +102,10 @@ def _score_batch(
                 input_ids=choice_ids,
                 attention_mask=torch.cat([prompt_mask, choice_mask], dim=-1),
                 position_ids=prompt_lengths + torch.arange(block, device=device),
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_name: cache},
             )
-            cache = output.past_key_values
+            cache = returned_cache(output)
             _crop_cache(cache, width)
             logprobs = F.log_softmax(output.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             rest = (logprobs * target_mask).sum(-1).double().cpu()
