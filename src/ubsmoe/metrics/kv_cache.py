@@ -1,4 +1,4 @@
-"""The KV cache's name in a transformers model's forward call and output, across transformers 5.x.
+"""Which keywords a model's forward takes, and the KV cache's name in its call and output, across transformers 5.x.
 
 transformers renamed `past_key_values` to `cache` within 5.x (5.24 takes both and warns on the old
 name, which it says goes in 5.40), and the `pyproject.toml` range spans both sides of the rename, so
@@ -12,13 +12,17 @@ import inspect
 from typing import Any
 
 
+def forward_takes(model: Any, name: str) -> bool:
+    """Whether the model's forward declares the keyword `name` (False where its signature is unreadable)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def cache_keyword(model: Any) -> str:
     """`cache` where the model's forward takes it, else the older `past_key_values`."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 def returned_cache(output: Any) -> Any:

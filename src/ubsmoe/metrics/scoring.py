@@ -20,7 +20,6 @@ blocks work unchanged.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,15 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ubsmoe.data.prompts import left_pad
-from ubsmoe.metrics.kv_cache import cache_keyword, returned_cache
+from ubsmoe.metrics.kv_cache import cache_keyword, forward_takes, returned_cache
 from ubsmoe.moe.model import model_device
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _crop_cache(cache: Any, length: int) -> None:
@@ -56,6 +48,7 @@ def _score_batch(
     pad_id: int,
     device: torch.device,
     logits_to_keep: bool,
+    cache_name: str,
 ) -> list[list[float]]:
     """Summed log-probabilities of every choice of one batch of examples (prompts non-empty)."""
     rows = len(prompts)
@@ -71,7 +64,6 @@ def _score_batch(
     )
     first = F.log_softmax(output.logits[:, -1].float(), dim=-1)  # predicts each choice's first token
     cache = returned_cache(output)
-    cache_name = cache_keyword(model)
     prompt_lengths = prompt_mask.sum(-1, keepdim=True)  # (rows, 1): the first choice token's position
 
     scores = [[0.0] * len(example) for example in choices]
@@ -139,7 +131,8 @@ def choice_logprobs(
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty: a prompt must have at least one token to score choices after")
     device = model_device(model)
-    logits_to_keep = _accepts_logits_to_keep(model)
+    logits_to_keep = forward_takes(model, "logits_to_keep")
+    cache_name = cache_keyword(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[list[float]] = [[] for _ in prompts]
     was_training = model.training
@@ -149,9 +142,8 @@ def choice_logprobs(
             batch = order[start : start + batch_size]
             batch_choices = [[list(ids) for ids in choices[i]] for i in batch]
             if any(batch_choices):
-                scores = _score_batch(
-                    model, [list(prompts[i]) for i in batch], batch_choices, pad_id, device, logits_to_keep
-                )
+                batch_prompts = [list(prompts[i]) for i in batch]
+                scores = _score_batch(model, batch_prompts, batch_choices, pad_id, device, logits_to_keep, cache_name)
             else:
                 scores = [[] for _ in batch]
             for i, row_scores in zip(batch, scores, strict=True):
