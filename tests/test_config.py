@@ -276,3 +276,121 @@ def test_errors_from_a_file_name_the_dotted_field(tmp_path):
     lines = error_of(path=path).splitlines()
     assert "federation.fraction = 1.5: must be in (0, 1]" in lines
     assert "lora.alpha = 0: must be > 0" in lines
+
+
+# ---- finiteness, strict numbers, duplicate keys, odd files (issue 16) -------------------------------
+def _float_fields(model, prefix=""):
+    """Dotted paths of every float field of the schema (tiers via moe.tiers.0.budget)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        args = typing.get_args(info.annotation)
+        if info.annotation is float or float in args:
+            yield path
+        inner = [a for a in (info.annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner += [a for arg in args for a in typing.get_args(arg) if isinstance(a, type) and issubclass(a, BaseModel)]
+        for section in inner:
+            yield from _float_fields(section, f"{path}.0." if "list" in str(info.annotation) else f"{path}.")
+
+
+def test_every_float_field_must_be_finite():
+    fields = list(_float_fields(ExperimentConfig))
+    assert {"lora.alpha", "pseudo_gradient.kappa", "federation.optimizer.lr", "moe.tiers.0.budget"} <= set(fields)
+    assert len(fields) > 20
+    for field in fields:
+        for value in (".inf", "-.inf", ".nan"):
+            message = error_of([f"{field}={value}"])
+            shown = field.replace(".0.", "[0].")
+            assert message.startswith(f"{shown} = "), message
+            assert "must be a finite number" in message, message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.alpha=.inf", "lora.alpha = Infinity: must be a finite number > 0"),
+        ("pseudo_gradient.kappa=.inf", "pseudo_gradient.kappa = Infinity: must be a finite number >= 0"),
+        ("federation.optimizer.weight_decay=.inf", "federation.optimizer.weight_decay = Infinity: must be a finite"),
+        ("federation.optimizer.lr=.inf", "federation.optimizer.lr = Infinity: must be a finite number > 0"),
+        ("federation.optimizer.lr=inf", "federation.optimizer.lr = 'inf': must be a finite number > 0"),
+        ("federation.max_update_norm=.inf", "federation.max_update_norm = Infinity: must be a finite number > 0; null"),
+        ("federation.optimizer.weight_decay=1000", "federation.optimizer.weight_decay = 1000.0: times federation"),
+        ("moe.tiers=[{budget: true, clients: 2}]", "moe.tiers[0].budget = true: must be a number in (0, 1], not"),
+        ("federation.rounds=true", "federation.rounds = true: must be an integer >= 1, not true/false"),
+        ("seed=false", "seed = false: must be an integer, not true/false"),
+        ("model.moefication.recovery_top_ks=[true, 2]", "model.moefication.recovery_top_ks = [true, 2]: must be"),
+    ],
+)
+def test_non_finite_and_boolean_numbers_are_refused(override, expected):
+    message = error_of([override])
+    assert message.startswith(expected), message
+    assert len(message.splitlines()) == 1
+
+
+def test_numbers_still_accepted_in_their_usual_spellings():
+    config = load_config(
+        None, ["federation.optimizer.lr=1e-4", "federation.optimizer.weight_decay=0.01", "lora.alpha=8"]
+    )
+    assert config.federation.optimizer.lr == 1e-4 and config.lora.alpha == 8.0
+    assert load_config(None, ["federation.max_update_norm=null"]).federation.max_update_norm is None
+
+
+def test_a_duplicated_yaml_key_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("federation:\n  rounds: 3\n  batch_size: 4\n  rounds: 5\n")
+    message = error_of(path=path)
+    assert "duplicate key 'rounds'" in message and "line 4" in message and "line 2" in message, message
+    assert len(message.splitlines()) == 1
+    (tmp_path / "top.yaml").write_text("seed: 1\nfederation: {rounds: 2}\nseed: 2\n")
+    assert "duplicate key 'seed'" in error_of(path=tmp_path / "top.yaml")
+    assert "duplicate key 'budget'" in error_of(["moe.tiers=[{budget: 0.5, budget: 1, clients: 2}]"])
+    (tmp_path / "dup.json").write_text('{"seed": 1, "seed": 2}')
+    assert "duplicate key 'seed'" in error_of(path=tmp_path / "dup.json")
+    # YAML merge keys may repeat a key on purpose, and lists may repeat values
+    (tmp_path / "merge.yaml").write_text(
+        "lora: &l {rank: 4, alpha: 8}\nmodel:\n  moefication:\n    <<: {seed: 1}\n    seed: 2\n"
+    )
+    assert load_config(tmp_path / "merge.yaml", []).model.moefication.seed == 2
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbffederation:\n  rounds: 2\n")
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf[federation]\nrounds = 2\n")
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"federation": {"rounds": 2}}')
+    for name in ("bom.yaml", "bom.toml", "bom.json"):
+        assert load_config(tmp_path / name, []).federation.rounds == 2
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path):
+    (tmp_path / "configs.yaml").mkdir()
+    message = error_of(path=tmp_path / "configs.yaml")
+    assert "is a folder, not a config file" in message and "not found" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.alpha=.inf", "lora.alpha = Infinity: must be a finite number > 0"),
+        ("federation.optimizer.lr=.inf", "federation.optimizer.lr = Infinity: must be a finite number > 0"),
+        ("moe.tiers=[{budget: true, clients: 2}]", "moe.tiers[0].budget = true: must be a number in (0, 1]"),
+    ],
+)
+def test_the_cli_reports_a_bad_value_before_loading_anything(monkeypatch, tmp_path, override, expected):
+    from typer.testing import CliRunner
+
+    import ubsmoe.fl.experiment
+    import ubsmoe.models.loading
+    from ubsmoe.cli import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for an invalid config")
+
+    for module in (ubsmoe.models.loading, ubsmoe.fl.experiment):
+        monkeypatch.setattr(module, "load_experiment_model", no_model)
+    result = CliRunner().invoke(app, ["run", "--set", override, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"error: {expected}" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

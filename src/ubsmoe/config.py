@@ -6,7 +6,9 @@ tiers 0.25 / 0.5 / 0.75 / 1.0 with two clients each, eight BIG-bench tasks), and
 `--set a.b=c` overrides whose values follow YAML's scalar rules (`federation.rounds=5`,
 `lora.targets=[gate,down]`, `moe.tiers=[{budget: 0.5, clients: 3}]`, `moe.num_candidates=null`).
 
-Every section forbids unknown keys, so a typo is an error. Invalid values raise `ConfigError`, whose
+Every section forbids unknown keys, so a typo is an error; a key given twice in one YAML/JSON mapping is an
+error too (naming the key and its lines), every float must be finite (`.inf`/`.nan` are refused), and
+`true`/`false` are refused where a number is expected. Invalid values raise `ConfigError`, whose
 message has one line per problem naming the dotted field, the offending value and what is allowed:
 
     federation.fraction = 1.5: must be in (0, 1]
@@ -28,6 +30,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import tomllib
 import typing
 from collections.abc import Iterable, Sequence
@@ -35,7 +38,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from ubsmoe.models.moefication import MoEficationConfig
@@ -139,8 +150,31 @@ def _join(loc: Iterable[Any]) -> str:
 
 
 # ---- sections ----------------------------------------------------------------------------------
+def _is_number_annotation(annotation: Any) -> bool:
+    """Whether a field's annotation admits an int or float (`float`, `int | None`, `list[int] | None` ...)."""
+    if annotation in (int, float):
+        return True
+    return any(_is_number_annotation(arg) for arg in typing.get_args(annotation))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field must be finite (`.inf`, `.nan`, "inf" are refused up front,
+    # before any model is loaded); the fields' own bounds add the specific ranges.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strict numbers: YAML's `true`/`false` would otherwise become 1/0 (`budget: true` -> 1.0)."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _is_number_annotation(field.annotation):
+            return value
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bool) for item in items):
+            kind = "an integer" if _is_int_field(field) else "a number"
+            bounds = _bounds(field)
+            raise ValueError(f"must be {kind}{' ' + bounds if bounds else ''}, not true/false")
+        return value
 
 
 class MoEficationSection(_Section):
@@ -308,6 +342,17 @@ class OptimizerSection(_Section):
     def _lrs(self) -> OptimizerSection:
         if self.min_lr > self.lr:
             raise _Problems([("min_lr", self.min_lr, f"must be <= federation.optimizer.lr ({self.lr})")])
+        if self.lr * self.weight_decay >= 1.0:  # decoupled (AdamW) or L2 (SGD) decay: w <- w * (1 - lr * wd)
+            raise _Problems(
+                [
+                    (
+                        "weight_decay",
+                        self.weight_decay,
+                        f"times federation.optimizer.lr ({self.lr}) must be < 1 (each step scales the "
+                        "weights by 1 - lr * weight_decay, which would zero or flip them)",
+                    )
+                ]
+            )
         return self
 
 
@@ -646,6 +691,9 @@ def _problems_of(error: ValidationError, root: type[BaseModel]) -> list[str]:
             bounds = _bounds(info)
             if bounds and kind != "missing":
                 text += f" {bounds}"
+            if kind == "finite_number":  # e.g. `.inf` for "no bound": point at the field's null, if it has one
+                null = re.search(r"null = [^;)]+", getattr(info, "description", None) or "")
+                text += f"; {null.group(0).strip()}" if null else ""
             lines.append(f"{field}: {text}" if kind == "missing" else f"{field} = {_show(value)}: {text}")
         elif kind == "string_pattern_mismatch":
             lines.append(f"{field} = {_show(value)}: must match {ctx.get('pattern')}")
@@ -667,18 +715,63 @@ def _yaml() -> Any:
     return yaml
 
 
+_LOADER: Any = None
+
+
+def _yaml_loader() -> Any:
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (not: the last wins)."""
+    global _LOADER
+    if _LOADER is None:
+        yaml = _yaml()
+
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                if isinstance(node, yaml.MappingNode):
+                    lines: dict[Any, int] = {}
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat keys on purpose
+                            continue
+                        key = self.construct_object(key_node, deep=True)
+                        try:
+                            first = lines.get(key)
+                        except TypeError:  # an unhashable key: SafeLoader's own error follows
+                            continue
+                        if first is not None:
+                            raise yaml.constructor.ConstructorError(
+                                None,
+                                None,
+                                f"duplicate key {key!r} (also on line {first}); give each key once",
+                                key_node.start_mark,
+                            )
+                        lines[key] = key_node.start_mark.line + 1
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = UniqueKeyLoader
+    return _LOADER
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ConfigError(f"duplicate key {key!r}; give each key once")
+    return dict(pairs)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; give the path of a .yaml, .yml or .toml file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read the config file ({error})") from None
     if suffix in (".yaml", ".yml"):
         yaml = _yaml()
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader that refuses duplicate keys
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -692,8 +785,10 @@ def _read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     elif suffix == ".json":  # e.g. the config saved in a run's summary
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON: {error}") from None
+        except ConfigError as error:
             raise ConfigError(f"{path}: not valid JSON: {error}") from None
     else:
         raise ConfigError(f"{path}: unknown config format {suffix or '(no suffix)'!r}; use .yaml, .yml or .toml")
@@ -711,7 +806,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. federation.rounds=5")
     yaml = _yaml()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_yaml_loader()) if raw.strip() else None  # SafeLoader, no duplicate keys
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"--set {text!r}: the value is not valid YAML: {problem}") from None
