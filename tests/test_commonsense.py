@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from ubsmoe.data.commonsense import (
     load_file,
     load_mix,
     load_task,
+    parse_record,
     split_train_test,
 )
 from ubsmoe.data.multiple_choice import MultipleChoice
@@ -51,6 +53,14 @@ def test_real_test_sets_load(task):
     assert examples and all(isinstance(e, MultipleChoice) and e.task == task for e in examples)
     assert all(e.prompt.endswith("\nAnswer:") for e in examples)
     assert len(examples) == list_tasks(folder)[task]["test"]
+    # no trailer text, marker or carriage return leaks into an option or the question
+    texts = [text for e in examples for text in (e.prompt, *e.choices)]
+    assert not any("Answer format" in text or "\r" in text for text in texts)
+    assert all(
+        choice.strip() and not re.search(r"(?i)\b(answer|solution)\d+:", choice)
+        for e in examples
+        for choice in e.choices
+    )
 
 
 def test_real_folder_listing():
@@ -68,7 +78,9 @@ def test_fixture_tasks_and_mix():
     assert [e.answer for e in hellaswag] == [0, 1, 2]
     assert hellaswag[1].choices[1] == "steadies the handlebars and pedals faster."
     winogrande = load_task(FIXTURES, "winogrande")
+    # the real WinoGrande test file's layout: question, options and answer format on one line
     assert winogrande[0].choices == ("cup", "box") and [e.answer for e in winogrande] == [0, 1, 0]
+    assert winogrande[1].choices == ("Anna", "Beth") and "Answer format" not in winogrande[1].prompt
     assert "_" in winogrande[0].prompt
     train = load_task(FIXTURES, "WinoGrande", split="train")  # .jsonl, names matched case-insensitively
     assert len(train) == 3 and train[0].answer == 1 and train[0].task == "winogrande"
@@ -76,6 +88,8 @@ def test_fixture_tasks_and_mix():
     assert [e.task for e in mix] == ["boolq", "piqa", "qa", "qa", "hellaswag", "winogrande", "boolq", "qa"]
     assert mix[0].choices == ("true", "false") and mix[6].answer == 1
     assert mix[7].choices[1] == "chlorophyll" and len(mix[7].choices) == 5
+    assert mix[2].choices == ("oven", "refrigerator", "garden")  # CRLF line ends
+    assert mix[6].prompt.endswith("fly to the moon?\nAnswer:")  # one line: the answer format is not in the prompt
     assert {e.task for e in load_mix(FIXTURES, infer=False)} == {"commonsense_15k"}
 
 
@@ -179,3 +193,176 @@ def test_split_real_piqa_examples():
     train, test = split_train_test(examples, 0.1, seed=0)
     assert len(test) == round(len(examples) * 0.1)
     assert not {id(e) for e in train} & {id(e) for e in test}
+
+
+# ---- option parsing: the eight tasks' formats in every whitespace layout (issue 16) -----------------
+# (task, instruction head, marker word, options, answer label): the wording of LLM-Adapters' files
+FORMATS = {
+    "boolq": ("Please answer the following question with true or false, question: is ice cold?", None, None, "false"),
+    "piqa": (
+        "Please choose the correct solution to the question: How to open a jar?",
+        "Solution",
+        ["Twist the lid.", "Sing to it."],
+        "solution1",
+    ),
+    "social_i_qa": (
+        "Please choose the correct answer to the question: Kai lent Sam a pen. What will Sam want to do next?",
+        "Answer",
+        ["write a note", "sell the pen", "go to sleep"],
+        "answer1",
+    ),
+    "hellaswag": (
+        "Please choose the correct ending to complete the given sentence: Baking: A baker kneads dough. she",
+        "Ending",
+        ["folds it over.", "throws it away.", "paints it blue.", "reads to it."],
+        "ending1",
+    ),
+    "winogrande": (
+        "Please choose the correct answer to fill in the blank to complete the given sentence: "
+        "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+        "Option",
+        ["Sarah", "Maria"],
+        "option2",
+    ),
+    "ARC-Easy": (
+        "Please choose the correct answer to the question: Which is a metal?",
+        "Answer",
+        ["wood", "iron", "glass", "paper"],
+        "answer2",
+    ),
+    "ARC-Challenge": (
+        "Please choose the correct answer to the question: What makes day and night?",
+        "Answer",
+        ["Earth's rotation", "the Moon", "clouds", "tides", "seasons"],
+        "answer1",
+    ),
+    "openbookqa": (
+        "Please choose the correct answer to the question: A magnet attracts",
+        "Answer",
+        ["nails", "water", "sand", "rubber"],
+        "answer1",
+    ),
+}
+LAYOUTS = {  # (before the options, between options, before "Answer format:")
+    "lf": ("\n\n", "\n", "\n\n"),
+    "lf-blank-lines": ("\n\n", "\n\n", " \n\n"),  # PIQA's real layout, with its stray space
+    "crlf": ("\r\n\r\n", "\r\n", "\r\n\r\n"),
+    "one-line": (" ", " ", " "),  # WinoGrande's real layout
+    "tabs-and-cr": ("\r\r", "\t", "\r"),
+}
+
+
+def _render(task: str, layout: str) -> dict:
+    head, word, options, answer = FORMATS[task]
+    before, between, trailer = LAYOUTS[layout]
+    if word is None:
+        instruction, labels = head, ["true", "false"]
+    else:
+        labels = [f"{word.lower()}{i}" for i in range(1, len(options) + 1)]
+        marked = between.join(f"{word}{i}: {text}" for i, text in enumerate(options, start=1))
+        instruction = head + before + marked
+    instruction += f"{trailer}Answer format: {'/'.join(labels)}"
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_format_in_every_layout(tmp_path, task, layout):
+    head, word, options, answer = FORMATS[task]
+    path = _write(tmp_path, f"{task}/test.json", json.dumps([_render(task, layout)] * 2))
+    example = load_task(tmp_path, task)[0]
+    expected = ("true", "false") if word is None else tuple(options)
+    assert example.choices == expected
+    assert example.choices[example.answer] == (answer if word is None else options[int(answer[-1]) - 1])
+    assert example.prompt == head + "\nAnswer:"
+    assert load_file(path)[1] == example
+
+
+def test_a_carriage_return_stays_out_of_the_last_option():
+    record = {
+        "instruction": "Please choose the correct answer to the question: 5 + 7 = ?\r\n\r\nAnswer1: 11 Answer2: 12"
+        "\r\n\r\nAnswer format: answer1/answer2",
+        "answer": "answer2",
+    }
+    example = parse_record(record, "ARC-Easy", "ARC-Easy/test.json, record 0")
+    assert example.choices == ("11", "12") and example.answer == 1
+
+
+def test_one_line_options_end_at_the_answer_format():
+    record = _render("winogrande", "one-line")
+    assert "Option1: Sarah Option2: Maria Answer format: option1/option2" in record["instruction"]
+    example = parse_record(record, "winogrande", "winogrande/test.json, record 0")
+    assert example.choices == ("Sarah", "Maria") and example.answer == 1
+
+
+@pytest.mark.parametrize(
+    ("instruction", "message"),
+    [
+        # the answer format lists three options, the instruction marks two
+        ("Q? Answer1: a Answer2: b Answer format: answer1/answer2/answer3", "cannot delimit the options"),
+        ("Q? Answer1: a Answer1: b Answer format: answer1/answer2", "found Answer1:, Answer1:"),  # repeated
+        ("Q? Answer2: a Answer1: b Answer format: answer1/answer2", "once each and in order"),  # out of order
+        ("Q? Answer1: a Solution2: b Answer format: answer1/answer2", "found Answer1:, Solution2:"),  # mixed kinds
+        ("Q? Option1: a Option2: Answer format: option1/option2", "option2 is empty"),
+        ("Q? Option1: a Option2: b Option3: c Answer format: option1/option2", "expected the markers Option1: ..."),
+        ("Q? no markers at all\n\nAnswer format: solution1/solution2", "found none"),
+        ("Q? A) x B) y\n\nAnswer format: a/b", "unknown answer format 'a/b'"),
+        ("Q? Answer1: x Answer2: y\n\nAnswer format:", "'Answer format:' lists no labels"),
+    ],
+)
+def test_options_that_cannot_be_delimited_are_refused_naming_the_record(tmp_path, instruction, message):
+    good = _render("ARC-Easy", "lf")
+    label = re.search(r"format: (\w+)", instruction)
+    bad = {"instruction": instruction, "input": "", "output": "", "answer": label.group(1) if label else "answer1"}
+    path = _write(tmp_path, "ARC-Easy/test.json", json.dumps([good, good, bad]))
+    with pytest.raises(CommonsenseDataError) as error:
+        load_file(path)
+    text = str(error.value)
+    assert text.startswith("ARC-Easy/test.json, record 2: ") and message in text, text
+    assert len(text.splitlines()) == 1
+
+
+def test_a_boolq_answer_that_is_not_true_or_false(tmp_path):
+    maybe = {**_render("boolq", "lf"), "answer": "maybe"}
+    _write(tmp_path, "boolq/test.json", json.dumps([_render("boolq", "lf"), maybe]))
+    with pytest.raises(CommonsenseDataError) as error:
+        load_task(tmp_path, "boolq")
+    assert str(error.value) == "boolq/test.json, record 1: answer 'maybe' is not one of the options 'true' or 'false'"
+    with pytest.raises(CommonsenseDataError, match="record 0: answer 'answer1' is not one of the options 'option1'"):
+        load_file(
+            _write(tmp_path, "winogrande/test.json", json.dumps([{**_render("winogrande", "lf"), "answer": "answer1"}]))
+        )
+
+
+def _data_section(folder, task):
+    from ubsmoe.config import load_config
+
+    overrides = [
+        "data.source=commonsense",
+        f"data.path={folder}",
+        f"data.tasks=[{task}]",
+        "moe.tiers=[{budget: 1, clients: 1}]",
+    ]
+    return load_config(None, overrides).data
+
+
+def test_a_task_file_with_one_record(tmp_path):
+    from ubsmoe.data.federated import DataError, federated_data
+
+    # no train.json: the one record would have to be both trained on and held out
+    _write(tmp_path, "piqa/test.json", json.dumps([_piqa()]))
+    with pytest.raises(DataError) as error:
+        federated_data(_data_section(tmp_path, "piqa"), 1, None, None)
+    text = str(error.value)
+    assert "piqa/test.json holds 1 record" in text and "needs at least 2 records" in text, text
+    # with a train.json, one record on either side is usable
+    _write(tmp_path, "piqa/train.json", json.dumps([_piqa("solution2")]))
+
+    class Characters:  # encode_for_training needs only __call__ / eos
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+    data = federated_data(_data_section(tmp_path, "piqa"), 1, Characters(), None)
+    assert len(data.train["piqa"]) == len(data.test["piqa"]) == 1

@@ -9,7 +9,10 @@ Layout accepted (the one of LLM-Adapters' `dataset/` folder)::
 Every file is either a JSON array of records (`.json`) or one record per line (`.jsonl`). A record is
 an object with `instruction` (the question, its options and "Answer format: ..."), `input` (empty),
 `output` ("the correct answer is answerN") and `answer` (the label: answerN, solutionN, optionN,
-endingN, true/false). Records become `MultipleChoice` examples through `from_llm_adapters`.
+endingN, true/false). Records become `MultipleChoice` examples through `from_llm_adapters`, whatever the
+whitespace between the options and the answer format (blank lines, CRLF, or all on one line as in
+WinoGrande's test file); a record whose options cannot be delimited, or whose answer is not one of
+them, is refused with its location rather than scored with a wrong option text.
 
 A malformed file or record raises `CommonsenseDataError` with one message naming the file, the
 record (0-based index into a JSON array, as in `data[17]`) or line (1-based, for `.jsonl`), and

@@ -71,7 +71,14 @@ def _task_examples(section: DataSection, task: str) -> tuple[list[MultipleChoice
     folder = section.path
     if task_file(folder, task, "train") is not None:
         return load_task(folder, task, "train"), load_task(folder, task, "test")
-    return split_train_test(load_task(folder, task, "test"), section.test_fraction, section.seed)
+    examples = load_task(folder, task, "test")
+    if len(examples) < 2:  # one record cannot be both trained on and held out
+        raise DataError(
+            f"data.tasks: {task_file(folder, task, 'test')} holds {len(examples)} record and there is no "
+            f"{task}/train.json, so it would be split into train and test parts; a task without a train file "
+            "needs at least 2 records (add records, or a train.json beside it)"
+        )
+    return split_train_test(examples, section.test_fraction, section.seed)
 
 
 def _sample(items: Sequence[Any], count: int | None, seed: str) -> list[Any]:

@@ -45,34 +45,93 @@ def from_bigbench(task: Mapping[str, Any], name: str = "") -> list[MultipleChoic
     return examples
 
 
-_OPTION = re.compile(r"(Answer|Solution|Option|Ending)\s*(\d+)\s*:\s*", re.IGNORECASE)
+_MARK = re.compile(r"\b(Answer|Solution|Option|Ending)[ \t]*(\d+)[ \t]*:", re.IGNORECASE)
+_TRAILER = re.compile(r"\bAnswer[ \t]*format[ \t]*:", re.IGNORECASE)
+_LABELS = re.compile(r"\s*([A-Za-z]+\d*(?:[ \t]*/[ \t]*[A-Za-z]+\d*)*)")
+_LABEL = re.compile(r"(answer|solution|option|ending)(\d+)")
+_BOOLEAN = ("true", "false")
+
+
+def _quoted(labels: list[str]) -> str:
+    shown = [f"'{label}'" for label in labels]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _answer_format(instruction: str) -> tuple[str, list[str] | None]:
+    """(the instruction without its trailing "Answer format: a/b/c", the labels it lists or None when absent).
+
+    Whatever whitespace precedes the trailer (a blank line, a CRLF pair, one space on a one-line layout).
+    """
+    trailers = list(_TRAILER.finditer(instruction))
+    if not trailers:
+        return instruction, None
+    last = trailers[-1]
+    labels = _LABELS.match(instruction, last.end())
+    if labels is None:
+        raise ValueError(f"'Answer format:' lists no labels (expected e.g. 'answer1/answer2'): {instruction[-80:]!r}")
+    return instruction[: last.start()], [label.strip().lower() for label in labels.group(1).split("/")]
 
 
 def from_llm_adapters(record: Mapping[str, Any], task: str = "") -> MultipleChoice:
     """An LLM-Adapters commonsense record (instruction, answer): option texts parsed from the instruction.
 
     Handles "Answer1: ... Answer2: ..." (ARC, OpenBookQA, Social IQa), "Solution1/2" (PIQA),
-    "Option1/2" (WinoGrande), "Ending1..4" (HellaSwag) and true/false (BoolQ).
+    "Option1/2" (WinoGrande), "Ending1..4" (HellaSwag) and true/false (BoolQ), each with the trailing
+    "Answer format: ..." and in any whitespace layout: options on their own lines (LF or CRLF) or all
+    on one line ("... Option1: Sarah Option2: Maria Answer format: option1/option2").
+
+    Raises ValueError when the options cannot be delimited (markers missing, repeated, out of order,
+    an empty option, markers that disagree with the answer format) or the answer is not one of them:
+    a record is refused rather than scored with a wrong option text.
     """
     instruction, answer = record.get("instruction"), record.get("answer")
     if not isinstance(instruction, str) or not isinstance(answer, str):
         raise ValueError("expected string fields 'instruction' and 'answer'")
     answer = answer.strip().lower()
-    body = instruction.split("\n\nAnswer format:")[0]
-    if answer in ("true", "false"):
-        question = body.strip()
-        return MultipleChoice(question + "\nAnswer:", ("true", "false"), 0 if answer == "true" else 1, task)
-    marks = list(_OPTION.finditer(body))
-    if len(marks) < 2:
-        raise ValueError(f"no options (Answer1:, Solution1:, ...) found in instruction {instruction[:80]!r}")
+    text = instruction.replace("\r\n", "\n").replace("\r", "\n")
+    body, labels = _answer_format(text)
+    marks = list(_MARK.finditer(body))
+    if (labels is not None and sorted(labels) == sorted(_BOOLEAN)) or (labels is None and not marks):
+        if answer not in _BOOLEAN and labels is None:
+            raise ValueError(
+                f"no options (Answer1:, Solution1:, ...) and no 'Answer format:' found in the instruction, and "
+                f"answer {answer!r} is not 'true' or 'false'"
+            )
+        if answer not in _BOOLEAN:
+            raise ValueError(f"answer {answer!r} is not one of the options 'true' or 'false'")
+        return MultipleChoice(body.strip() + "\nAnswer:", _BOOLEAN, _BOOLEAN.index(answer), task)
+    if labels is not None:
+        parsed = [_LABEL.fullmatch(label) for label in labels]
+        expected = [f"{parsed[0].group(1)}{i}" for i in range(1, len(labels) + 1)] if parsed[0] else []
+        if labels != expected or len(labels) < 2:
+            raise ValueError(
+                f"unknown answer format {'/'.join(labels)!r}; expected true/false or numbered labels of one kind "
+                "from 1, e.g. answer1/answer2/answer3, solution1/solution2, option1/option2, ending1/.../ending4"
+            )
+        if answer not in labels:
+            raise ValueError(f"answer {answer!r} is not one of the options {_quoted(labels)}")
+        kind = parsed[0].group(1)
+    else:
+        kind = marks[0].group(1).lower()
+    count = len(labels) if labels is not None else len(marks)
+    wanted = [f"{kind}{i}" for i in range(1, count + 1)]
+    found = [f"{m.group(1).lower()}{m.group(2)}" for m in marks]
+    if found != wanted or count < 2:
+        name = kind.capitalize()
+        got = ", ".join(f"{m.group(1).capitalize()}{m.group(2)}:" for m in marks) or "none"
+        raise ValueError(
+            f"cannot delimit the options: expected the markers {name}1: ... {name}{max(count, 2)}: "
+            f"once each and in order, found {got}"
+        )
+    ends = [m.start() for m in marks[1:]] + [len(body)]
+    texts = [body[m.end() : end].strip() for m, end in zip(marks, ends, strict=True)]
+    empty = [f"{kind}{i}" for i, option in enumerate(texts, start=1) if not option]
+    if empty:
+        raise ValueError(f"cannot delimit the options: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty")
+    if answer not in wanted:
+        raise ValueError(f"answer {answer!r} is not one of the options {_quoted(wanted)}")
     question = body[: marks[0].start()].strip()
-    texts = [
-        body[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(body))].strip() for i, m in enumerate(marks)
-    ]
-    labels = [f"{m.group(1).lower()}{m.group(2)}" for m in marks]
-    if answer not in labels:
-        raise ValueError(f"answer {answer!r} is not one of the options {labels}")
-    return MultipleChoice(question + "\nAnswer:", tuple(texts), labels.index(answer), task)
+    return MultipleChoice(question + "\nAnswer:", tuple(texts), wanted.index(answer), task)
 
 
 def parse_all(records: Iterable[Mapping[str, Any]], task: str) -> list[MultipleChoice]:
