@@ -178,7 +178,7 @@ def synthetic_state() -> GlobalState:
 
 def synthetic_update(state: GlobalState, client_id, num_examples, top_k, seed) -> ClientUpdate:
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(10, 50, (NUM_LAYERS,), generator=g)
+    tokens = torch.randint(60, 100, (NUM_LAYERS,), generator=g)  # >= num_examples: one token per example at least
     counts = torch.zeros(NUM_LAYERS, NUM_EXPERTS, dtype=torch.long)
     for layer in range(NUM_LAYERS):
         picks = torch.randint(0, NUM_EXPERTS, (int(tokens[layer]) * top_k,), generator=g)

@@ -44,6 +44,7 @@ __all__ = [
     "is_phi_key",
     "local_parameters",
     "load_global_state",
+    "phi_range",
     "split_trainable_state",
 ]
 
@@ -106,6 +107,17 @@ def global_state_from_model(model: nn.Module, round: int = 0) -> GlobalState:
     adapters, _ = split_trainable_state(trainable_state(model))
     phi = get_phi(model).cpu() if moe_blocks(model) else torch.zeros(0, 0)
     return GlobalState(adapters=adapters, phi=phi, round=round)
+
+
+def phi_range(model: nn.Module) -> tuple[float, float]:
+    """[phi_min, phi_max] of the model's MoE blocks (their range regulariser's), what the server clips phi to.
+
+    Blocks with different ranges give the widest ((-1, 1), DESIGN 2.2's default, for a model without blocks).
+    """
+    blocks = moe_blocks(model)
+    if not blocks:
+        return (-1.0, 1.0)
+    return (min(float(b.config.phi_min) for b in blocks), max(float(b.config.phi_max) for b in blocks))
 
 
 def load_global_state(model: nn.Module, state: GlobalState) -> None:

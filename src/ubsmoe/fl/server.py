@@ -2,16 +2,28 @@
 
 - `sample_clients`: the round's participants, seeded by (seed, round).
 - `validate_update`: why an update must be dropped (None when it is fine); never raises.
-- `aggregate_round`: drop bad updates (with their reasons), FedAvg of the adapter deltas weighted by
-  num_examples (or a baseline's own rule, `ubsmoe.fl.methods.aggregate_adapters`), DMR update of phi
-  (or phi kept when DMR is off) and a utilization report.
+- `screen_updates`: the verdict on each of a round's updates: `validate_update`, plus what only the
+  round knows (the `Assignment` the server gave each client: known senders, K_c, examples; who sent
+  each update; one update per client).
+- `aggregate_round`: drop bad updates (with their reasons), clip the clients' phi to its range, FedAvg
+  of the adapter deltas weighted by num_examples (or a baseline's own rule,
+  `ubsmoe.fl.methods.aggregate_adapters`), DMR update of phi (or phi kept when DMR is off) and a
+  utilization report.
+
+The server trusts nothing a client claims that it can check (DESIGN 6): every tensor's keys, shapes,
+dtypes and finiteness; phi within its range [phi_min, phi_max] (values beyond it are clipped to it,
+values beyond it by more than its width drop the update); counts summing to top_k * tokens;
+num_examples at most the tokens routed (every example has at least one token) and, given an
+`Assignment`, at most the examples the client can have trained on; top_k (and a rank method's rank)
+as assigned; a sender the server assigned, each at most once per round.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +32,33 @@ from ubsmoe.fl.methods import MethodSettings, aggregate_adapters
 from ubsmoe.fl.payload import ClientUpdate, GlobalState
 from ubsmoe.moe import dead_experts, dmr_update, global_utilization, utilization_cv
 
-__all__ = ["aggregate_round", "delta_norm", "sample_clients", "validate_update"]
+__all__ = [
+    "PHI_RANGE",
+    "Assignment",
+    "aggregate_round",
+    "clip_phi",
+    "delta_norm",
+    "sample_clients",
+    "screen_updates",
+    "validate_update",
+]
+
+PHI_RANGE = (-1.0, 1.0)
+"""The default [phi_min, phi_max] (DESIGN 2.2 step 5); pass the model's own (`ubsmoe.fl.payload.phi_range`)."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the server asked of one client in a round, i.e. what its update is checked against.
+
+    `top_k`: the K_c it was sent; `max_examples`: the most distinct examples it can have trained on
+    (its examples, at most local_steps * batch_size), None when the server does not know; `rank`: the
+    LoRA rank it was sent under a rank method (None otherwise).
+    """
+
+    top_k: int
+    max_examples: int | None = None
+    rank: int | None = None
 
 
 def sample_clients(client_ids: Sequence[Any], fraction: float, round: int, seed: int) -> list[Any]:
@@ -58,19 +96,43 @@ def _integer_tensor(t: torch.Tensor) -> bool:
 
 
 def validate_update(
-    update: Any, global_state: GlobalState, max_norm: float | None = None, method: MethodSettings | None = None
+    update: Any,
+    global_state: GlobalState,
+    max_norm: float | None = None,
+    method: MethodSettings | None = None,
+    *,
+    assignment: Assignment | None = None,
+    phi_range: tuple[float, float] | None = PHI_RANGE,
 ) -> str | None:
-    """A clear reason why `update` must be dropped, or None when it can be aggregated."""
+    """A clear reason why `update` must be dropped, or None when it can be aggregated.
+
+    `assignment`: what the server sent this client (its update must match it); `phi_range`: phi's
+    [phi_min, phi_max] (an update whose phi lies beyond it by more than its width is dropped; None
+    skips the check, e.g. when the server keeps phi). Pure; never raises.
+    """
     try:
-        problem = _problem(update, global_state, max_norm)
+        problem = _problem(update, global_state, max_norm, phi_range)
         if problem is None and method is not None and method.uses_ranks:
             problem = _rank_problem(update, global_state)
+        if problem is None and assignment is not None:
+            problem = _assignment_problem(update, assignment, method)
         return problem
     except Exception as error:  # a malformed payload must never crash the server
         return f"malformed update ({type(error).__name__}: {error})"
 
 
-def _problem(update: Any, state: GlobalState, max_norm: float | None) -> str | None:
+def _phi_excess(phi: torch.Tensor, phi_range: tuple[float, float]) -> float:
+    """How far the furthest value of `phi` lies outside [phi_min, phi_max] (0 inside)."""
+    if not phi.numel():
+        return 0.0
+    low, high = phi_range
+    wide = phi.double()
+    return float((wide - wide.clamp(low, high)).abs().max())
+
+
+def _problem(
+    update: Any, state: GlobalState, max_norm: float | None, phi_range: tuple[float, float] | None
+) -> str | None:
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate (got {type(update).__name__})"
     if not _is_int(update.num_examples) or update.num_examples <= 0:
@@ -108,6 +170,14 @@ def _problem(update: Any, state: GlobalState, max_norm: float | None) -> str | N
         return f"phi has dtype {phi.dtype}, expected {state.phi.dtype}"
     if not bool(torch.isfinite(phi).all()):
         return "phi has non-finite values (NaN or Inf)"
+    if phi_range is not None:
+        low, high = phi_range
+        excess = _phi_excess(phi, phi_range)
+        if excess > high - low:
+            return (
+                f"phi lies {excess:.4g} outside its range [{low:g}, {high:g}], more than the range's width: "
+                "local training under the range regulariser does not go that far"
+            )
 
     counts, tokens = update.counts, update.tokens
     if not isinstance(counts, torch.Tensor) or not isinstance(tokens, torch.Tensor):
@@ -131,6 +201,11 @@ def _problem(update: Any, state: GlobalState, max_norm: float | None) -> str | N
             f"counts of layer {layer} sum to {int(counts[layer].long().sum())}, expected top_k * tokens = "
             f"{update.top_k} * {int(tokens[layer])} = {int(expected[layer])}"
         )
+    if tokens.numel() and update.num_examples > int(tokens.min()):
+        return (
+            f"num_examples = {update.num_examples} exceeds the {int(tokens.min())} token(s) the client routed "
+            "(every example has at least one token)"
+        )
 
     if max_norm is not None:
         norm = delta_norm(deltas)
@@ -149,6 +224,109 @@ def _rank_problem(update: ClientUpdate, state: GlobalState) -> str | None:
     return None
 
 
+def _assignment_problem(update: ClientUpdate, assignment: Assignment, method: MethodSettings | None) -> str | None:
+    if update.top_k != assignment.top_k:
+        return f"top_k = {update.top_k}, but the server assigned this client K_c = {assignment.top_k}"
+    if assignment.max_examples is not None and update.num_examples > assignment.max_examples:
+        return (
+            f"num_examples = {update.num_examples} exceeds the {assignment.max_examples} example(s) this client can "
+            "have trained on this round (its examples, at most local_steps * batch_size)"
+        )
+    if method is not None and method.uses_ranks and assignment.rank is not None and update.rank != assignment.rank:
+        return f"rank = {update.rank!r}, but the server assigned this client rank {assignment.rank}"
+    return None
+
+
+def _valid_id(client_id: Any) -> bool:
+    return isinstance(client_id, int | str) and not isinstance(client_id, bool)
+
+
+def screen_updates(
+    global_state: GlobalState,
+    updates: Sequence[Any],
+    max_norm: float | None = None,
+    method: MethodSettings | None = None,
+    *,
+    assignments: Mapping[Any, Assignment] | None = None,
+    senders: Sequence[Any] | None = None,
+    phi_range: tuple[float, float] | None = PHI_RANGE,
+) -> list[str | None]:
+    """The verdict on each update of a round, in order: a reason to drop it, or None to aggregate it.
+
+    `senders[i]`: the client the server knows `updates[i]` came from (the client it ran, or the node
+    it sent the train message to); the update must name that client. `assignments`: the round's
+    clients and what each was assigned; an update from any other client is dropped, and each update
+    is checked against its client's `Assignment`. Only a client's first update counts: a later one
+    with the same client id (or the same sender) is dropped as a duplicate. The rest is
+    `validate_update`. Pure; never raises.
+    """
+    if senders is not None and len(senders) != len(updates):
+        raise ValueError(f"{len(senders)} senders for {len(updates)} updates")
+    seen: dict[Any, int] = {}
+    verdicts: list[str | None] = []
+    for index, update in enumerate(updates):
+        verdicts.append(
+            _screen(
+                index,
+                update,
+                senders[index] if senders is not None else None,
+                senders is not None,
+                seen,
+                global_state,
+                max_norm,
+                method,
+                assignments,
+                phi_range,
+            )
+        )
+    return verdicts
+
+
+def _screen(
+    index: int,
+    update: Any,
+    sender: Any,
+    known_sender: bool,
+    seen: dict[Any, int],
+    state: GlobalState,
+    max_norm: float | None,
+    method: MethodSettings | None,
+    assignments: Mapping[Any, Assignment] | None,
+    phi_range: tuple[float, float] | None,
+) -> str | None:
+    if not isinstance(update, ClientUpdate):
+        return validate_update(update, state, max_norm, method, phi_range=phi_range)
+    claimed = update.client_id
+    if not _valid_id(claimed):
+        return f"client_id must be an int or a str, got {claimed!r}"
+    if known_sender and claimed != sender:
+        return f"the update names client {claimed!r}, but it came from client {sender!r}"
+    who = sender if known_sender else claimed
+    if not _valid_id(who):
+        return f"the update came from an unknown sender {who!r}"
+    if assignments is not None and who not in assignments:
+        return f"unknown sender: client {who!r} was not assigned work this round"
+    if who in seen:
+        return f"duplicate: client {who!r} already sent an update this round (update {seen[who]}); only that one counts"
+    seen[who] = index
+    assignment = assignments[who] if assignments is not None else None
+    return validate_update(update, state, max_norm, method, assignment=assignment, phi_range=phi_range)
+
+
+def clip_phi(phi: torch.Tensor, phi_range: tuple[float, float]) -> tuple[torch.Tensor, str | None]:
+    """(`phi` clipped to [phi_min, phi_max], a note on what was clipped or None when nothing was).
+
+    A phi inside its range comes back as the same tensor (so honest updates aggregate bit-identically).
+    """
+    low, high = phi_range
+    outside = (phi < low) | (phi > high)
+    count = int(outside.sum())
+    if not count:
+        return phi, None
+    note = f"phi clipped to [{low:g}, {high:g}]: {count} value(s) outside, the furthest by {_phi_excess(phi, phi_range):.4g}"
+    return phi.clamp(low, high), note
+
+
 def aggregate_round(
     global_state: GlobalState,
     updates: Sequence[ClientUpdate],
@@ -158,32 +336,56 @@ def aggregate_round(
     *,
     dmr: bool = True,
     method: MethodSettings | None = None,
+    assignments: Mapping[Any, Assignment] | None = None,
+    senders: Sequence[Any] | None = None,
+    phi_range: tuple[float, float] = PHI_RANGE,
 ) -> tuple[GlobalState, dict[str, Any]]:
     """The new global state from one round's updates, and a JSON-friendly report.
 
-    Bad updates (see `validate_update`) are dropped with their reason; the rest are aggregated:
-    adapters = global + FedAvg(deltas; weights num_examples), or the rule of `method` (a baseline,
-    `ubsmoe.fl.methods`), which may also change `method_state`; phi = `dmr_update(...)` when `dmr`,
-    else the global phi. With no valid update the adapters and phi stay as they were. The returned
-    state's round is `global_state.round + 1` in both cases (the round took place).
+    Bad updates (see `screen_updates`: `validate_update`, and with `assignments` / `senders` unknown
+    senders, impostors, duplicates and claims beyond the assignment) are dropped with their reason;
+    the rest are aggregated: adapters = global + FedAvg(deltas; weights num_examples), or the rule of
+    `method` (a baseline, `ubsmoe.fl.methods`), which may also change `method_state`; phi =
+    `dmr_update(...)` of the clients' phi clipped to `phi_range`, itself kept within `phi_range`, when
+    `dmr`, else the global phi (the clients' phi is then not range-checked). With no valid update the
+    adapters and phi stay as they were. The returned state's round is `global_state.round + 1` in both
+    cases (the round took place).
 
-    Report: round, changed, accepted (client ids), weights (normalised), dropped ([{client_id,
-    reason}]), message, and when changed: delta_norms, num_examples, metrics (num-examples-weighted
-    means of the clients' metrics) and utilization per layer ({utilization (weighted activation
-    rate per expert), cv, dead_experts}).
+    Report: round, changed, accepted (client ids), weights (normalised), dropped ([{client_id (the
+    sender when `senders` is given), reason}]), clipped ([{client_id, reason}], the accepted updates
+    whose phi was clipped), verdicts (the reason or None of each update, in order), message, and when
+    changed: delta_norms, num_examples, metrics (num-examples-weighted means of the clients' metrics)
+    and utilization per layer ({utilization (weighted activation rate per expert), cv, dead_experts}).
     """
+    verdicts = screen_updates(
+        global_state,
+        updates,
+        max_norm,
+        method,
+        assignments=assignments,
+        senders=senders,
+        phi_range=phi_range if dmr else None,
+    )
     accepted: list[ClientUpdate] = []
     dropped: list[dict[str, Any]] = []
-    for update in updates:
-        reason = validate_update(update, global_state, max_norm, method)
+    for index, (update, reason) in enumerate(zip(updates, verdicts, strict=True)):
         if reason is None:
             accepted.append(update)
         else:
-            dropped.append({"client_id": _client_id(update), "reason": reason})
+            sender = senders[index] if senders is not None else _client_id(update)
+            dropped.append({"client_id": sender, "reason": reason})
+    phis, clipped = [], []
+    for update in accepted:
+        phi, note = clip_phi(update.phi, phi_range) if dmr else (update.phi, None)
+        phis.append(phi)
+        if note is not None:
+            clipped.append({"client_id": update.client_id, "reason": note})
     report: dict[str, Any] = {
         "round": global_state.round,
         "accepted": [u.client_id for u in accepted],
         "dropped": dropped,
+        "clipped": clipped,
+        "verdicts": verdicts,
     }
     if not accepted:
         report.update(
@@ -207,7 +409,7 @@ def aggregate_round(
         adapters, method_state, method_report = {}, dict(global_state.method_state), {}
     if dmr:
         phi = dmr_update(
-            [u.phi for u in accepted],
+            phis,
             [u.counts for u in accepted],
             [u.tokens for u in accepted],
             [u.top_k for u in accepted],
@@ -215,6 +417,7 @@ def aggregate_round(
             zeta=zeta,
             eps=eps,
         )
+        phi, _ = clip_phi(phi, phi_range)  # the global phi never leaves its range
     else:
         phi = global_state.phi.clone()
 
