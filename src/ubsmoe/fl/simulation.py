@@ -65,8 +65,9 @@ from ubsmoe.fl.payload import (
     adapter_parameters,
     global_state_from_model,
     load_global_state,
+    phi_range,
 )
-from ubsmoe.fl.server import aggregate_round, delta_norm, sample_clients, validate_update
+from ubsmoe.fl.server import Assignment, aggregate_round, delta_norm, sample_clients, validate_update
 from ubsmoe.metrics.communication import payload_bytes
 from ubsmoe.paths import write_text_atomic
 
@@ -310,10 +311,17 @@ def round_outputs(
     that did not (Flower: no node, timeout, client error); `extra` adds keys to the record.
     """
     missing = missing or {}
+    replied = [c for c in participants if c in updates]
+    verdicts = report.get("verdicts")
+    # the reasons aggregate_round decided by (its updates were those of `replied`, in that order)
+    decided = (
+        dict(zip(replied, verdicts, strict=True)) if verdicts is not None and len(verdicts) == len(replied) else None
+    )
     lines = []
     for client in participants:
-        if client in updates:  # validate_update is what aggregate_round decided by: the reasons agree
-            update, reason = updates[client], validate_update(updates[client], start_state, max_norm, method)
+        if client in updates:
+            update = updates[client]
+            reason = decided[client] if decided is not None else validate_update(update, start_state, max_norm, method)
         else:
             update, reason = None, f"missing: {missing.get(client, 'no reply')}"
         lines.append(
@@ -327,6 +335,7 @@ def round_outputs(
             "clients": list(participants),
             "accepted": report["accepted"],
             "dropped": report["dropped"],
+            **({"clipped": report["clipped"]} if report.get("clipped") else {}),
             **({"missing": [{"client_id": c, "reason": r} for c, r in sorted(missing.items())]} if missing else {}),
             "changed": report["changed"],
             "message": report["message"],
@@ -412,8 +421,13 @@ def run_simulation(
         method: the method's settings (`ubsmoe.fl.methods`); default from an ExperimentConfig, else UB-SMoE.
         client_ranks: each client's LoRA rank under a rank method (default from an ExperimentConfig).
 
+    Each round's updates are checked against what the round assigned each participant (its K_c and
+    rank, at most min(its examples, local_steps * batch_size) examples, its own client id) and the
+    model's phi range (`ubsmoe.fl.server.aggregate_round`).
+
     Returns the records of all rounds (restored ones included): round, clients, accepted, dropped
-    ([{client_id, reason}]), client_metrics (the metrics.jsonl lines of the round), train (the
+    ([{client_id, reason}]), clipped (only when a client's phi was clipped to its range: [{client_id,
+    reason}]), client_metrics (the metrics.jsonl lines of the round), train (the
     num-examples-weighted client metrics), utilization_cv, dead_experts and utilization (the global
     activation rate of each expert, L x M) per layer,
     mean_utilization_cv, changed, eval, round_time_s.
@@ -475,6 +489,7 @@ def run_simulation(
             metrics_path.unlink()
 
     client_ids = list(range(len(client_data)))
+    bounds = phi_range(model)
     for round_index in range(state.round, total_rounds):
         started = time.perf_counter()
         torch.manual_seed(derive_seed(run_seed, round_index))
@@ -508,8 +523,26 @@ def run_simulation(
                 )
             )
 
+        # what each participant was asked to do: its update is checked against it (DESIGN 6)
+        assignments = {
+            c: Assignment(
+                top_k=client_top_ks[c],
+                max_examples=min(len(client_data[c]), client_settings.local_steps * run["batch_size"]),
+                rank=ranks[c],
+            )
+            for c in participants
+        }
         new_state, report = aggregate_round(
-            state, updates, zeta=run["zeta"], eps=run["eps"], max_norm=max_norm, dmr=run["dmr"], method=method
+            state,
+            updates,
+            zeta=run["zeta"],
+            eps=run["eps"],
+            max_norm=max_norm,
+            dmr=run["dmr"],
+            method=method,
+            assignments=assignments,
+            senders=list(participants),
+            phi_range=bounds,
         )
         if merger is not None:
             merger.apply(new_state)
