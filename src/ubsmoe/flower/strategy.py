@@ -16,12 +16,19 @@ client with no connected node, or whose node does not answer within the round ti
 with an error, is recorded as missing (a metrics.jsonl line with `accepted: false` and the reason)
 and the round carries on with the updates it has, as long as there are at least `min_replies` of
 them; below that the run stops with `FederationError` (the last checkpoint stays, complete).
+
+Hostile nodes (DESIGN 6): a node whose identity is unusable (a client id outside the experiment's,
+a budget that is not a number in (0, 1], a malformed reply) is not served; the round carries on and
+its record's `dropped` says why (with the node id), once. A train reply is checked against what its
+client was sent (`aggregate_round` with the round's `Assignment`s and senders): it must name the
+client it was sent to, at its K_c (and rank), with no more examples than the client has, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
@@ -37,19 +44,46 @@ from flwr.serverapp.strategy import Strategy
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, TierEvaluator, evaluation_due, initial_global_state
 from ubsmoe.fl.methods import client_rank, client_start, tier_view
-from ubsmoe.fl.payload import GlobalState, load_global_state
-from ubsmoe.fl.server import aggregate_round, sample_clients
+from ubsmoe.fl.payload import GlobalState, load_global_state, phi_range
+from ubsmoe.fl.server import Assignment, aggregate_round, sample_clients
 from ubsmoe.fl.simulation import derive_seed, resolve_run, round_outputs, run_fingerprint, save_round
 from ubsmoe.flower.client_app import IDENTITY, METRICS, RUN, UPDATE, UPDATE_META, start_state_content
 from ubsmoe.flower.records import records_to_update, state_to_records
 from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, config_to_json
 from ubsmoe.paths import write_text_atomic
 
-__all__ = ["FederationError", "UBSMoEStrategy"]
+__all__ = ["FederationError", "UBSMoEStrategy", "parse_identity"]
 
 
 class FederationError(RuntimeError):
     """The federation cannot go on (too few replies in a round, inconsistent nodes)."""
+
+
+def parse_identity(identity: Mapping[str, Any], num_clients: int) -> tuple[int, float]:
+    """(client id, budget) of a node's identity reply, or ValueError saying why it is unusable.
+
+    The client id must be an integer in [0, num_clients) (an integral float or text is read as one);
+    the budget beta a finite number in (0, 1].
+    """
+    if "client-id" not in identity or "budget" not in identity:
+        raise ValueError("the identity lacks client-id or budget")
+    raw_client, raw_budget = identity["client-id"], identity["budget"]
+    try:
+        number = float(raw_client) if not isinstance(raw_client, int) else raw_client
+        client = int(number)
+        if isinstance(raw_client, bool) or client != number:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"client-id = {raw_client!r} is not an integer") from None
+    if not 0 <= client < num_clients:
+        raise ValueError(f"client-id = {client} is not one of the experiment's clients 0..{num_clients - 1}")
+    try:
+        budget = float(raw_budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget (beta) = {raw_budget!r} is not a number") from None
+    if isinstance(raw_budget, bool) or not (math.isfinite(budget) and 0 < budget <= 1):
+        raise ValueError(f"budget (beta) = {raw_budget!r}: must be a number in (0, 1]")
+    return client, budget
 
 
 @dataclasses.dataclass
@@ -68,6 +102,7 @@ class _Round:
     participants: list[int]
     ranks: dict[int, int | None]
     start_state: GlobalState
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # nodes / replies not served
     sent: dict[int, Message] = dataclasses.field(default_factory=dict)  # client -> its train message
     updates: dict[int, Any] = dataclasses.field(default_factory=dict)
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -118,6 +153,9 @@ class UBSMoEStrategy(Strategy):
         )
         self.config_json = config_to_json(config)
         self.nodes: dict[int, _Node] = {}  # client id -> node
+        self.refused: dict[int, str] = {}  # node id -> why its identity was refused (not asked again)
+        self._refusals: list[dict[str, Any]] = []  # refusals not yet recorded in a round
+        self.phi_range = phi_range(model)
         self.records: list[dict[str, Any]] = []
         self.initial_eval: dict[str, Any] | None = None
         self.current: _Round | None = None
@@ -135,7 +173,8 @@ class UBSMoEStrategy(Strategy):
         """Learn the client id and budget of every SuperNode not met yet; forget the ones gone."""
         node_ids = set(grid.get_node_ids())
         self.nodes = {c: n for c, n in self.nodes.items() if n.node_id in node_ids}
-        known = {n.node_id for n in self.nodes.values()}
+        self.refused = {n: r for n, r in self.refused.items() if n in node_ids}
+        known = {n.node_id for n in self.nodes.values()} | set(self.refused)
         new = sorted(node_ids - known)
         if not new:
             return
@@ -152,8 +191,16 @@ class UBSMoEStrategy(Strategy):
             if reply.has_error():
                 log(WARNING, "node %s could not say who it is: %s", node_id, reply.error.reason)
                 continue
-            identity = reply.content.config_records[IDENTITY]
-            client, budget = int(identity["client-id"]), float(identity["budget"])
+            try:  # an unusable identity (unknown client id, NaN budget, ...) refuses the node, not the run
+                identity = reply.content.config_records[IDENTITY]
+                client, budget = parse_identity(identity, len(self.client_ids))
+                top_k, rank = budget_settings(self.config, budget, self.runtime.loaded.k_max)
+            except Exception as error:
+                reason = f"node {node_id} not served: its identity is unusable ({error})"
+                log(WARNING, "%s", reason)
+                self.refused[node_id] = reason
+                self._refusals.append({"client_id": None, "node_id": node_id, "reason": reason})
+                continue
             if client in self.nodes and self.nodes[client].node_id != node_id:
                 raise FederationError(
                     f"nodes {self.nodes[client].node_id} and {node_id} both say they are client {client}; "
@@ -164,7 +211,6 @@ class UBSMoEStrategy(Strategy):
                 log(
                     WARNING, "client %s declares beta=%s; the experiment config gives it %s", client, budget, configured
                 )
-            top_k, rank = budget_settings(self.config, budget, self.runtime.loaded.k_max)
             self.nodes[client] = _Node(node_id, client, budget, top_k, rank)
         log(INFO, "nodes: %s", {c: (n.node_id, n.budget) for c, n in sorted(self.nodes.items())})
 
@@ -182,7 +228,8 @@ class UBSMoEStrategy(Strategy):
             c: client_rank(self.method, self.state, c, self._node_rank(c)) if self.method.uses_ranks else None
             for c in participants
         }
-        current = _Round(index, started, list(participants), ranks, self.state)
+        current = _Round(index, started, list(participants), ranks, self.state, rejected=self._refusals)
+        self._refusals = []
         messages = []
         for client in participants:
             node = self.nodes.get(client)
@@ -217,6 +264,12 @@ class UBSMoEStrategy(Strategy):
         node = self.nodes.get(client)
         return node.top_k if node is not None else self.configured_top_ks[client]
 
+    def _assignment(self, client: int, current: _Round) -> Assignment:
+        """What `client` was sent this round (its K_c and rank) and the most examples it can train on."""
+        examples = len(self.runtime.data.client_encoded[client])
+        steps = self.client_settings.local_steps * int(self.run["batch_size"])
+        return Assignment(top_k=self._top_k(client), max_examples=min(examples, steps), rank=current.ranks[client])
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -230,7 +283,24 @@ class UBSMoEStrategy(Strategy):
             client = client_of_message.get(reply.metadata.reply_to_message_id)
             if client is None:
                 client = client_of_node.get(reply.metadata.src_node_id)
-            if client is None:
+            if client is None:  # answers no train message of this round: not from a client it assigned
+                current.rejected.append(
+                    {
+                        "client_id": None,
+                        "node_id": reply.metadata.src_node_id,
+                        "reason": f"a reply from node {reply.metadata.src_node_id} that answers no train message of "
+                        "this round: dropped",
+                    }
+                )
+                continue
+            if client in current.updates or client in current.missing:
+                current.rejected.append(
+                    {
+                        "client_id": client,
+                        "node_id": reply.metadata.src_node_id,
+                        "reason": f"duplicate: a second reply for client {client}; only the first counts",
+                    }
+                )
                 continue
             if reply.has_error():
                 current.missing[client] = f"the client failed: {reply.error.reason}"
@@ -245,7 +315,8 @@ class UBSMoEStrategy(Strategy):
         for client in current.sent:
             if client not in current.updates and client not in current.missing:
                 current.missing[client] = f"no reply within the round timeout ({self.round_timeout:g} s)"
-        updates = [current.updates[c] for c in current.participants if c in current.updates]
+        senders = [c for c in current.participants if c in current.updates]
+        updates = [current.updates[c] for c in senders]
         if current.missing:
             log(WARNING, "round %s: missing clients %s", current.index, current.missing)
         if len(updates) < self.min_replies:
@@ -262,6 +333,9 @@ class UBSMoEStrategy(Strategy):
             max_norm=self.max_norm,
             dmr=self.run["dmr"],
             method=self.method,
+            assignments={c: self._assignment(c, current) for c in current.sent},
+            senders=senders,
+            phi_range=self.phi_range,
         )
         if self.runtime.merger is not None:
             self.runtime.merger.apply(new_state)
@@ -293,9 +367,17 @@ class UBSMoEStrategy(Strategy):
         for reply in replies:
             if reply.has_error():
                 continue
-            metrics = reply.content.metric_records[METRICS]
-            losses.append(float(metrics["eval_loss"]))
-            weights.append(float(metrics["eval_tokens"]))
+            try:  # a malformed or non-finite evaluation is left out, not trusted
+                metrics = reply.content.metric_records[METRICS]
+                loss, tokens = float(metrics["eval_loss"]), float(metrics["eval_tokens"])
+            except Exception as error:
+                log(WARNING, "an evaluate reply is malformed (%s): left out", error)
+                continue
+            if not (math.isfinite(loss) and math.isfinite(tokens) and tokens >= 0):
+                log(WARNING, "an evaluate reply has eval_loss=%s, eval_tokens=%s: left out", loss, tokens)
+                continue
+            losses.append(loss)
+            weights.append(tokens)
         if not losses or sum(weights) == 0:
             return None
         mean = sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights)
@@ -330,13 +412,16 @@ class UBSMoEStrategy(Strategy):
         return None
 
     def _finish_round(self, current: _Round, eval_metrics: Mapping[str, Any], eval_time: float) -> None:
+        report = current.report
+        if current.rejected:  # nodes and replies refused this round go with the round's dropped updates
+            report = {**report, "dropped": [*report.get("dropped", []), *current.rejected]}
         lines, record = round_outputs(
             current.index,
             current.participants,
             current.updates,
             {c: self._top_k(c) for c in current.participants},
             current.start_state,
-            current.report,
+            report,
             self.method,
             current.ranks,
             self.max_norm,
