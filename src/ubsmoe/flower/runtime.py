@@ -24,6 +24,7 @@ __all__ = [
     "CONFIG_KEY",
     "Runtime",
     "budget_settings",
+    "check_budget",
     "config_from_json",
     "config_to_json",
     "load_runtime",
@@ -75,10 +76,20 @@ def load_runtime(config: ExperimentConfig) -> Runtime:
     )
 
 
+def check_budget(budget: Any, name: str = "budget (beta)") -> float:
+    """`budget` as a float when it is a valid compute budget, a number in (0, 1]; else ValueError naming `name`.
+
+    The one rule for a node's beta: the launcher checks its `--beta` values with it before starting
+    anything, and the ClientApp and the Strategy check a node's declared beta with it at run time.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ValueError(f"{name} = {budget!r}: must be a number in (0, 1] (the share of K_max the node can afford)")
+    return float(budget)
+
+
 def budget_settings(config: ExperimentConfig, budget: float, k_max: int) -> tuple[int, int]:
     """(K_c, configured LoRA rank r_c) of a client with compute budget `budget`, by the config's own rules."""
-    if not (isinstance(budget, int | float) and 0 < budget <= 1):
-        raise ValueError(f"budget (beta) = {budget!r}: must be in (0, 1]")
+    budget = check_budget(budget)
     single = config.model_copy(
         update={"moe": config.moe.model_copy(update={"tiers": [Tier(budget=budget, clients=1)]})}
     )
@@ -112,6 +123,4 @@ def node_identity(node_config: dict[str, Any], config: ExperimentConfig) -> tupl
     if not 0 <= client < config.num_clients:
         raise ValueError(f"client id {client} is outside the experiment's clients 0..{config.num_clients - 1}")
     budget = _number(node_config["beta"], "beta") if "beta" in node_config else config.client_budgets()[client]
-    if not 0 < budget <= 1:
-        raise ValueError(f"node-config beta = {budget}: must be in (0, 1]")
-    return client, budget
+    return client, check_budget(budget, "node-config beta")

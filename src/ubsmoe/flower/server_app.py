@@ -9,6 +9,7 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run ... --run-c
   plots, adapters;
 - `round-timeout`: seconds the server waits for a round's replies before carrying on without the rest;
 - `min-replies`: the fewest client updates a round may be aggregated from (below it the run stops);
+  at most the number of clients a round samples, checked before anything is loaded;
 - `fraction-evaluate`: share of nodes asked for a federated evaluation (their LM loss) each round.
 
 Paths are used as given, so pass absolute ones where the ServerApp may run in another folder (a
@@ -17,6 +18,7 @@ SuperLink runs it from its own working directory).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,13 +28,14 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ubsmoe.config import load_config
+from ubsmoe.config import ExperimentConfig, load_config
 from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, tier_flops
+from ubsmoe.fl.server import sample_clients
 from ubsmoe.flower.records import state_to_records
 from ubsmoe.flower.runtime import load_runtime
 from ubsmoe.flower.strategy import UBSMoEStrategy
 
-__all__ = ["DEFAULTS", "ServerOptions", "app", "make_server_app", "run_server"]
+__all__ = ["DEFAULTS", "ServerOptions", "app", "check_options", "clients_per_round", "make_server_app", "run_server"]
 
 DEFAULTS: dict[str, Any] = {
     "config": "",
@@ -69,12 +72,37 @@ class ServerOptions:
         )
 
 
+def clients_per_round(config: ExperimentConfig) -> int:
+    """How many of the experiment's clients a round samples (`sample_clients`' count: the same every round)."""
+    return len(sample_clients(range(config.num_clients), config.federation.fraction, 0, config.seed))
+
+
+def check_options(options: ServerOptions, config: ExperimentConfig) -> None:
+    """ValueError, with one message naming the setting, when `options` cannot work for `config`.
+
+    Checked before the model is loaded and before the first round: a `min-replies` above the clients a
+    round samples would otherwise stop the run only once the first round has been trained.
+    """
+    per_round = clients_per_round(config)
+    if not 1 <= options.min_replies <= per_round:
+        raise ValueError(
+            f"min-replies = {options.min_replies}: must be in 1..{per_round}, the clients a round samples "
+            f"({per_round} of the experiment's {config.num_clients} at federation.fraction = "
+            f"{config.federation.fraction:g}); above that every round would stop the run"
+        )
+    if not (math.isfinite(options.round_timeout) and options.round_timeout > 0):
+        raise ValueError(f"round-timeout = {options.round_timeout:g}: must be a positive number of seconds")
+    if not 0.0 <= options.fraction_evaluate <= 1.0:
+        raise ValueError(f"fraction-evaluate = {options.fraction_evaluate:g}: must be in [0, 1]")
+
+
 def run_server(grid: Grid, options: ServerOptions) -> dict[str, Any]:
     """Run the experiment of `options` over `grid`; writes the outputs and returns the summary."""
     from ubsmoe.report.summary import build_summary, write_outputs
 
     started = time.perf_counter()
     config = load_config(options.config or None, list(options.overrides))
+    check_options(options, config)  # before the output folder, the model and the first round
     out = Path(options.out_dir or config.output.dir)
     config = prepare_output(out, config, resume=False)
     runtime = load_runtime(config)
