@@ -394,3 +394,102 @@ def test_the_cli_reports_a_bad_value_before_loading_anything(monkeypatch, tmp_pa
     assert result.exit_code == 2, result.output
     assert f"error: {expected}" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+# ---- checks when the model is loaded, before any weights are read (issue 16) ------------------------
+def _no_embedded_model(monkeypatch):
+    import ubsmoe.models.embedded
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the adapters cannot fit")
+
+    monkeypatch.setattr(ubsmoe.models.embedded, "load_embedded_default", refuse)
+
+
+def test_an_impossible_lora_rank_is_refused_before_loading(monkeypatch):
+    from ubsmoe.models.loading import load_experiment_model
+
+    _no_embedded_model(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        load_experiment_model(load_config(None, ["lora.rank=1000000000"]))
+    message = str(info.value)
+    assert message.startswith("lora.rank = 1000000000: training the expert adapters needs at least ")
+    assert " TB (" in message and "but only" in message and "lower lora.rank" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_the_adapter_memory_estimate(monkeypatch):
+    import torch
+
+    from ubsmoe.models.embedded import EXPECTED_CONFIG
+    from ubsmoe.models.loading import adapter_dims, adapter_parameters, check_adapter_memory
+
+    config = ExperimentConfig()
+    # SmolLM2-135M MoEfied: 30 layers, M = 8, hidden 576, experts of (1536 - 384) / 8 = 144 neurons
+    assert adapter_dims(config, EXPECTED_CONFIG, "dense") == (30, 8, 576, 144)
+    values = adapter_parameters(config, (30, 8, 576, 144))
+    assert values == 30 * 8 * 3 * 8 * (576 + 144)
+    needed = values * 4 * 4  # float32, with gradients and AdamW's two moments
+    check_adapter_memory(config, EXPECTED_CONFIG, "dense", torch.device("cpu"), available=needed)
+    with pytest.raises(ConfigError, match="needs at least 66.4 MB .* but only 66.4 MB is free on cpu"):
+        check_adapter_memory(config, EXPECTED_CONFIG, "dense", torch.device("cpu"), available=needed - 1)
+    sgd = load_config(None, ["federation.optimizer.name=sgd"])
+    check_adapter_memory(sgd, EXPECTED_CONFIG, "dense", torch.device("cpu"), available=needed // 2)
+    # native families: Qwen-MoE's dense layers carry no expert adapters; unknown sizes give no estimate
+    qwen = {"num_hidden_layers": 4, "hidden_size": 32, "num_experts": 8, "moe_intermediate_size": 16}
+    assert adapter_dims(config, {**qwen, "mlp_only_layers": [1], "decoder_sparse_step": 2}, "native") == (1, 8, 32, 16)
+    assert adapter_dims(config, {"num_hidden_layers": 4, "hidden_size": 32}, "native") is None
+    check_adapter_memory(config, {}, "native", torch.device("cpu"), available=0)
+
+
+def test_the_estimate_matches_a_loaded_native_model(tmp_path):
+    pytest.importorskip("transformers")
+    from ubsmoe.models.loading import adapter_dims, adapter_parameters, load_experiment_model
+    from ubsmoe.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "qwen", "qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    config = load_config(None, [f"model.name={folder}", "lora.rank=3", "lora.targets=[gate, down]"])
+    model = load_experiment_model(config).model
+    real = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    hf = json.loads((folder / "config.json").read_text())
+    assert real == adapter_parameters(config, adapter_dims(config, hf, "native")) > 0
+
+
+def test_the_cli_refuses_an_impossible_lora_rank(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from ubsmoe.cli import app
+
+    _no_embedded_model(monkeypatch)
+    result = CliRunner().invoke(app, ["run", "--set", "lora.rank=1000000000", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "error: lora.rank = 1000000000: training the expert adapters needs at least" in " ".join(
+        result.output.split()
+    )
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        ((), "no tokenizer files (none of tokenizer.json; tokenizer.model;"),
+        (("vocab.json",), "vocab.json and merges.txt are needed together; merges.txt is missing"),
+    ],
+)
+def test_a_model_folder_without_tokenizer_files(tmp_path, keep, message):
+    pytest.importorskip("transformers")
+    from ubsmoe.models.loading import load_experiment_model
+    from ubsmoe.models.native import ModelLoadError
+    from ubsmoe.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "olmoe", "olmoe")
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+    for name in keep:
+        (folder / name).write_text("{}")
+    with pytest.raises(ModelLoadError) as info:
+        load_experiment_model(load_config(None, [f"model.name={folder}"]))
+    text = str(info.value)
+    assert text.startswith(f"{folder}: ") and message in text, text
+    assert len(text.splitlines()) == 1

@@ -36,7 +36,15 @@ from ubsmoe.models.native import (
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
 
-__all__ = ["LoadedModel", "load_experiment_model", "resolve_device"]
+__all__ = [
+    "LoadedModel",
+    "adapter_dims",
+    "adapter_parameters",
+    "check_adapter_memory",
+    "check_tokenizer_files",
+    "load_experiment_model",
+    "resolve_device",
+]
 
 CALIBRATION_BLOCK = 256
 Progress = Callable[[str], None]
@@ -112,6 +120,142 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# ---- checks before anything is loaded -----------------------------------------------------------
+ADAPTER_VALUE_BYTES = 4  # the LoRA A/B tensors are float32 (half-precision models keep float32 adapters)
+TRAINING_COPIES = {"adamw": 4, "sgd": 2}  # the adapters, their gradients (and AdamW's two moments)
+
+# a folder holds a usable tokenizer when it has one of these sets of files
+TOKENIZER_FILES = (
+    ("tokenizer.json",),  # a fast (tokenizers) tokenizer
+    ("tokenizer.model",),  # SentencePiece (Llama, Mistral ...)
+    ("spiece.model",),
+    ("sentencepiece.bpe.model",),
+    ("vocab.json", "merges.txt"),  # byte-level BPE (GPT-2, Qwen ...)
+    ("vocab.txt",),  # WordPiece
+    ("tokenizer.tiktoken",),
+)
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """ModelLoadError naming the missing files when `directory` has no tokenizer (transformers would fall
+    back to an empty tokenizer that encodes every text to no tokens, and the run would fail much later)."""
+    if any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        return
+    partial = [names for names in TOKENIZER_FILES if any((directory / name).is_file() for name in names)]
+    if partial:
+        missing = ", ".join(name for name in partial[0] if not (directory / name).is_file())
+        detail = f"{' and '.join(partial[0])} are needed together; {missing} is missing"
+    else:
+        expected = "; ".join(" with ".join(names) for names in TOKENIZER_FILES[:5])
+        detail = f"none of {expected} is there"
+    raise ModelLoadError(
+        f"{directory}: no tokenizer files ({detail}); copy the model's tokenizer files into the folder "
+        "(they are published with the model)"
+    )
+
+
+def _moe_layer_count(hf: dict[str, Any], layers: int) -> int:
+    """The MoE (not dense) layers of a native model: Qwen-MoE's mlp_only_layers / decoder_sparse_step."""
+    dense = set(hf.get("mlp_only_layers") or [])
+    step = hf.get("decoder_sparse_step") or 1
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+
+
+def adapter_dims(config: ExperimentConfig, hf: dict[str, Any], kind: str) -> tuple[int, int, int, int] | None:
+    """(MoE layers, experts M, hidden size, expert intermediate size) of the adapted model, from the values
+    of its config.json, before it is loaded; None where the config does not say (no estimate then)."""
+
+    def number(*keys: str) -> int | None:
+        return next((hf[k] for k in keys if isinstance(hf.get(k), int) and hf[k] > 0), None)
+
+    layers, hidden = number("num_hidden_layers"), number("hidden_size")
+    if layers is None or hidden is None:
+        return None
+    if kind == "native":
+        experts = number("num_experts", "num_local_experts", "n_routed_experts")
+        inner = number("moe_intermediate_size", "intermediate_size")
+        if experts is None or inner is None:
+            return None
+        return _moe_layer_count(hf, layers), experts, hidden, inner
+    size = number("intermediate_size")
+    moefication = config.model.moefication
+    if size is None:
+        return None
+    routed = size - round(moefication.shared_fraction * size)  # as ubsmoe.models.moefication.split_shared
+    inner = routed // moefication.num_experts
+    return (layers, moefication.num_experts, hidden, inner) if inner >= 1 else None
+
+
+def adapter_parameters(config: ExperimentConfig, dims: tuple[int, int, int, int]) -> int:
+    """The LoRA values of every expert: per layer, expert and target, rank x (in + out) = rank x (hidden + inner)."""
+    layers, experts, hidden, inner = dims
+    return layers * experts * len(config.lora.targets) * config.lora.rank * (hidden + inner)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` (GPU memory for CUDA, else the host's available RAM); None when unknown."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):  # pragma: no cover - depends on the driver
+            return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        return None
+
+
+def _size(count: float) -> str:
+    unit = "bytes"
+    for larger in ("KB", "MB", "GB", "TB"):
+        if count < 1000:
+            break
+        count, unit = count / 1000, larger
+    return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+
+
+def check_adapter_memory(
+    config: ExperimentConfig,
+    hf: dict[str, Any],
+    kind: str,
+    device: torch.device,
+    available: int | None = None,
+) -> None:
+    """ConfigError naming lora.rank when training the adapters cannot fit in the device's free memory.
+
+    A lower bound (the adapters, their gradients and the optimizer's state; not the model or activations),
+    computed from the model's config before any weights are read, so an impossible size (`lora.rank=1e9`:
+    terabytes) fails at once with one message instead of in an allocation. `available` overrides the
+    measured free memory (tests).
+    """
+    from ubsmoe.config import ConfigError
+
+    dims = adapter_dims(config, hf, kind)
+    available = available_memory(device) if available is None else available
+    if dims is None or available is None:
+        return
+    values = adapter_parameters(config, dims)
+    copies = TRAINING_COPIES.get(config.federation.optimizer.name, 2)
+    needed = values * ADAPTER_VALUE_BYTES * copies
+    if needed <= available:
+        return
+    layers, experts, hidden, inner = dims
+    targets = len(config.lora.targets)
+    what = "gradients and AdamW's two moments" if copies == 4 else "gradients"
+    raise ConfigError(
+        f"lora.rank = {config.lora.rank}: training the expert adapters needs at least {_size(needed)} "
+        f"({values:,} float32 values = {layers} layers x {experts} experts x {targets} targets x rank "
+        f"x ({hidden} + {inner}), times {copies} with their {what}), but only {_size(available)} is free on "
+        f"{device}; lower lora.rank (or use fewer lora.targets)"
+    )
+
+
 def _local_config(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -129,9 +273,11 @@ def load_experiment_model(
     torch.manual_seed(config.seed)
     dtype = _dtype(config.model.dtype)
     name = config.model.name
+    device = resolve_device(config.device)
     if name == "embedded":
-        from ubsmoe.models.embedded import embedded_default_path, load_embedded_default
+        from ubsmoe.models.embedded import EXPECTED_CONFIG, embedded_default_path, load_embedded_default
 
+        check_adapter_memory(config, EXPECTED_CONFIG, "dense", device)
         base, tokenizer = load_embedded_default(dtype=dtype, progress=progress)
         torch.manual_seed(config.seed)
         model = _moefy(base, tokenizer, config, f"{embedded_default_path()}:{config.model.dtype}", steps)
@@ -143,12 +289,23 @@ def load_experiment_model(
             raise ModelNotFoundError(
                 f"model.name = {name!r}: no such local directory (use 'embedded' or the path of a downloaded model)"
             )
-        model_type = _local_config(directory).get("model_type")
+        hf_config = _local_config(directory)
+        model_type = hf_config.get("model_type")
         kind_wanted = config.model.kind or ("native" if model_type in NATIVE_FAMILIES else "dense")
+        check_tokenizer_files(directory)
+        check_adapter_memory(config, hf_config, kind_wanted, device)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(directory))
         except Exception as error:
             raise ModelLoadError(f"{directory}: cannot load its tokenizer ({first_line(error)})") from error
+        try:
+            encodes = bool(tokenizer("Answer: true", add_special_tokens=False)["input_ids"])
+        except Exception:  # a tokenizer that cannot encode plain text is as unusable as an empty one
+            encodes = False
+        if not encodes:
+            raise ModelLoadError(
+                f"{directory}: its tokenizer encodes text to no tokens; check the folder's tokenizer files"
+            )
         if kind_wanted == "native":
             model = load_moe_model(
                 directory, config.ubsmoe_config(), dtype=dtype, normalize_gates=config.moe.normalize_gates
@@ -164,7 +321,6 @@ def load_experiment_model(
             torch.manual_seed(config.seed)
             model = _moefy(base, tokenizer, config, model_fingerprint(base), steps)
             kind = "moefied"
-    device = resolve_device(config.device)
     model.to(device)
     model.eval()
     k_max, num_experts = _moe_dims(model)
