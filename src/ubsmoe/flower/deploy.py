@@ -4,34 +4,51 @@
     python -m ubsmoe.flower.deploy --simulation --config my.yaml --out runs/flower-sim
 
 With `--simulation` the SuperLink runs the federation itself in simulation mode (Ray, one virtual
-SuperNode per client, tiers by partition-id) and step 3 is skipped; everything else is the same, so
+SuperNode per client, tiers by partition-id) and step 4 is skipped; everything else is the same, so
 this is also the `flwr run` route to a local simulation.
 
-1. writes a Flower config (`OUT/flwr-home/config.toml`, used through FLWR_HOME) with one SuperLink
+1. checks everything it can before starting anything, and stops with one message (exit code 2) when
+   something is wrong: the config, every node's `--beta` (a number in (0, 1], one per client), the
+   ports (in 1..65535, free on 127.0.0.1; a busy one is reported with the process holding it),
+   `--min-replies` (at most the clients a round samples, as the ServerApp checks it too), the fault
+   drill's options, the Flower tools, the app folder and the output folder;
+2. writes a Flower config (`OUT/flwr-home/config.toml`, used through FLWR_HOME) with one SuperLink
    connection, `ubsmoe-local`, at 127.0.0.1:PORT, insecure (loopback only; with `--simulation`, also
    `options.num-supernodes` = the number of clients and one CPU per virtual client);
-2. starts `flower-superlink --insecure [--simulation] --host 127.0.0.1 --port PORT
+3. starts `flower-superlink --insecure [--simulation] --host 127.0.0.1 --port PORT
    --disable-runtime-dependency-installation` (Fleet, Control and Runtime APIs over HTTP on that one
    port in flwr 1.41; without the last flag the SuperLink `uv sync`s the app's dependencies into a new
    environment for every run, pulling an unpinned torch with CUDA);
-3. starts one `flower-supernode --insecure --superlink 127.0.0.1:PORT --port PORT+1+i
+4. starts one `flower-supernode --insecure --superlink 127.0.0.1:PORT --port PORT+1+i
    --node-config "client-id=i beta=B_i"` per client of the experiment, B_i its tier's budget (or
-   `--beta` values, one per node);
-4. submits the app with `flwr run APP ubsmoe-local --stream --run-config ...` and waits for it;
-5. stops every process it started (also on an error or Ctrl-C), and checks that OUT/summary.json exists.
+   `--beta` values, one per node), and waits until each has joined the SuperLink;
+5. submits the app with `flwr run APP ubsmoe-local --stream --run-config ...` and waits for it;
+6. stops every process it started, with their children (each runs in its own session and process
+   group; the SuperLink's and the SuperNodes' `flower-superexec` and the ServerApp / ClientApp
+   processes under them are found through /proc), also on an error, Ctrl-C (SIGINT), SIGTERM or
+   SIGHUP (exit code 128 + the signal's number);
+7. checks that the run was a full federation: OUT/run/summary.json exists, every client's node joined
+   and no client went missing in a round (the fault drill's node excepted); otherwise it says which
+   node and why, and exits with code 1 (the outputs stay).
 
-Logs go to OUT/logs/. Fault drill (the run carries on without the node, see docs/flower.md):
-`--kill-node I --kill-after-round R` kills SuperNode I (SIGKILL, no goodbye to the SuperLink) as soon
-as the checkpoint of round R is on disk, so it is gone for round R + 1; `--kill-node I --kill-after S`
-kills it S seconds after the run was submitted instead.
+Logs go to OUT/logs/, with `processes.json`: the id and process group of everything it started (to stop
+them by hand with `kill -- -PGID` should the launcher itself be killed with SIGKILL). Fault drill (the
+run carries on without the node, see docs/flower.md): `--kill-node I --kill-after-round R` kills
+SuperNode I (SIGKILL, no goodbye to the SuperLink) as soon as the checkpoint of round R is on disk, so
+it is gone for round R + 1; `--kill-node I --kill-after S` kills it S seconds after the run was
+submitted instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import errno
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,18 +56,46 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config
 from ubsmoe.fl.checkpoint import list_checkpoints
 
-__all__ = ["DeploymentError", "main", "run_local_deployment"]
+__all__ = [
+    "DeploymentError",
+    "IncompleteRunError",
+    "Interrupted",
+    "main",
+    "run_local_deployment",
+    "run_problems",
+]
 
 CONNECTION = "ubsmoe-local"
+NODE_JOINED = "SuperNode ID:"
+"""What a flwr 1.41 SuperNode logs once the SuperLink has registered it."""
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 class DeploymentError(ValueError):
     """The deployment cannot start as asked (a missing Flower tool, busy ports, bad options); says why."""
+
+
+class IncompleteRunError(RuntimeError):
+    """The run finished, but not as a full federation (a node refused, missing or dead); `problems` says which."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("the run finished, but not with every node: " + "; ".join(self.problems))
+
+
+class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt, not an error of the run)
+    """The launcher got SIGTERM, SIGINT or SIGHUP; raised after everything it started was stopped."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 def _tool(name: str) -> str:
@@ -59,6 +104,63 @@ def _tool(name: str) -> str:
     if not found:
         raise DeploymentError(f"{name} not found; install the Flower extra: pip install -e '.[flower]'")
     return found
+
+
+# ---- ports ---------------------------------------------------------------------------------------------
+
+
+def _port_error(port: int) -> OSError | None:
+    """Why a server could not listen on 127.0.0.1:`port` now (None: it could). SO_REUSEADDR, as the
+    SuperLink and the SuperNodes set it: a closed connection in TIME_WAIT does not count, a listener does."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            return error
+    return None
+
+
+def _port_owner(port: int) -> str | None:
+    """'pid N (command line)' of the process listening on `port` (Linux, what this user can see), else None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text(encoding="ascii").splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        command = command.strip()
+                        return f"pid {proc.name} ({command[:100]}{'...' if len(command) > 100 else ''})"
+    return None
+
+
+def _check_ports(ports: list[int]) -> None:
+    problems = []
+    for port in ports:
+        error = _port_error(port)
+        if error is None:
+            continue
+        if error.errno in (errno.EACCES, errno.EPERM):
+            problems.append(f"port {port} needs root (ports below 1024 are privileged); pick --port 1024 or above")
+        else:
+            owner = _port_owner(port)
+            problems.append(f"port {port} on 127.0.0.1 is in use" + (f" by {owner}" if owner else ""))
+    if problems:
+        raise DeploymentError(
+            "; ".join(problems) + f" (the deployment needs ports {ports[0]}..{ports[-1]}); stop what holds them "
+            "(a deployment left running: kill -- -PGID, see its logs/processes.json) or pick another --port"
+        )
 
 
 def _wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
@@ -72,13 +174,259 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None
     raise RuntimeError(f"the SuperLink did not open 127.0.0.1:{port} within {timeout:g} s")
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+# ---- processes -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proc:
+    pid: int
+    ppid: int
+    sid: int
+    start: int  # clock ticks after boot: (pid, start) names a process even once its pid is reused
+    zombie: bool
+
+
+def _process_table() -> dict[int, _Proc]:
+    """Every process this user can see in /proc (empty where there is no /proc)."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(entry.path, "stat").read_text(encoding="ascii", errors="replace")
+                fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+                pid = int(entry.name)
+                table[pid] = _Proc(pid, int(fields[1]), int(fields[3]), int(fields[19]), fields[0] in "ZX")
+    return table
+
+
+def _alive(name: tuple[int, int], table: dict[int, _Proc]) -> bool:
+    proc = table.get(name[0])
+    return proc is not None and proc.start == name[1] and not proc.zombie
+
+
+class _Processes:
+    """What the launcher starts, each in its own session (so its process group), with every descendant.
+
+    A started process can start others outside its group (flwr 1.41's SuperLink starts
+    `flower-superexec` in a new session, which starts the ServerApp), so the family is also followed
+    through /proc: the sessions of the started processes and every descendant of a member, recorded
+    while they run (`refresh`), so one orphaned by the death of its parent is still found.
+    """
+
+    def __init__(self, logs: Path, env: dict[str, str], cwd: Path):
+        self.logs, self.env, self.cwd = logs, env, cwd
+        self.started: list[tuple[str, subprocess.Popen]] = []
+        self.handles: list[Any] = []
+        self.seen: set[tuple[int, int]] = set()  # (pid, start time) of every family member met
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in stop)
+        self.handles.append(log)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True
+        )
+        self.started.append((name, process))
+        listing = [{"name": n, "pid": p.pid, "pgid": p.pid, "command": p.args} for n, p in self.started]
+        (self.logs / "processes.json").write_text(json.dumps(listing, indent=1) + "\n", encoding="utf-8")
+        return process
+
+    def family(self, table: dict[int, _Proc]) -> set[tuple[int, int]]:
+        roots = {p.pid for _, p in self.started}
+        members = {pid for pid, proc in table.items() if pid in roots or proc.sid in roots}
+        members |= {pid for pid, start in self.seen if pid in table and table[pid].start == start}
+        grown = True
+        while grown:
+            children = {pid for pid, proc in table.items() if proc.ppid in members} - members
+            members |= children
+            grown = bool(children)
+        return {(pid, table[pid].start) for pid in members}
+
+    def refresh(self) -> None:
+        self.seen |= self.family(_process_table())
+
+    def _signal(self, signum: int, table: dict[int, _Proc]) -> None:
+        for _, process in reversed(self.started):
+            if process.poll() is None:  # not reaped: its pid is still its process group's id
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+        for name in self.seen:
+            if _alive(name, table):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(name[0], signum)
+
+    def _wait(self, timeout: float) -> bool:
+        """Whether the whole family is gone within `timeout` seconds (newcomers get SIGTERM too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for _, process in self.started:
+                process.poll()  # reaps the direct children
+            table = _process_table()
+            new = self.family(table) - self.seen
+            if new:
+                self.seen |= new
+                self._signal(signal.SIGTERM, table)
+            running = any(process.returncode is None for _, process in self.started)
+            if not running and not any(_alive(name, table) for name in self.seen):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM to every started process group and family member; SIGKILL to what is left after `grace` s."""
+        try:
+            self.refresh()
+            self._signal(signal.SIGTERM, _process_table())
+            if not self._wait(grace):
+                self._signal(signal.SIGKILL, _process_table())
+                self._wait(5.0)
+        finally:
+            for handle in self.handles:
+                handle.close()
+
+
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP raise `Interrupted` in the main thread, except inside `hold()`, where
+    they wait until the block is done (so a process is never started without being recorded)."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.holding = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = signum
+        if not self.holding:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if self.pending is not None and not self.holding:
+            raise Interrupted(self.pending)
+
+
+# ---- checks before and after ---------------------------------------------------------------------------
+
+
+def _check_options(
+    config: ExperimentConfig,
+    *,
+    port: int,
+    betas: list[float] | None,
+    round_timeout: float,
+    min_replies: int,
+    kill_node: int | None,
+    kill_after: float,
+    kill_after_round: int | None,
+    simulation: bool,
+    timeout: float,
+) -> list[float]:
+    """Every node's budget when the options can work for `config`; else DeploymentError listing what is wrong."""
+    from ubsmoe.flower.runtime import check_budget
+    from ubsmoe.flower.server_app import ServerOptions, check_options
+
+    nodes = config.num_clients
+    problems = []
+    budgets = list(betas) if betas is not None else config.client_budgets()
+    if simulation and (kill_node is not None or betas is not None):
+        problems.append("--simulation runs virtual SuperNodes: --kill-node and --beta need a deployment")
+    if len(budgets) != nodes:
+        problems.append(f"{len(budgets)} --beta value(s) given for the experiment's {nodes} clients (one per node)")
+    for node, beta in enumerate(budgets):
+        try:
+            check_budget(beta, f"--beta of node {node}")
+        except ValueError as error:
+            problems.append(str(error))
+    last = port + (0 if simulation else nodes)
+    if not (port >= 1 and last <= 65535):
+        problems.append(
+            f"--port {port}: must be in 1..{65535 - (0 if simulation else nodes)}"
+            + ("" if simulation else f" (the {nodes} SuperNodes take the ports after it, up to 65535)")
+        )
+    try:
+        check_options(ServerOptions(min_replies=min_replies, round_timeout=round_timeout), config)
+    except ValueError as error:
+        problems.append(f"--{error}")
+    if kill_node is not None and not 0 <= kill_node < nodes:
+        problems.append(f"--kill-node {kill_node}: the nodes are 0..{nodes - 1}")
+    if kill_node is not None and kill_after_round is not None:
+        rounds = config.federation.rounds
+        if not 0 <= kill_after_round < rounds - 1:
+            problems.append(
+                f"--kill-after-round {kill_after_round}: must be in 0..{rounds - 2} for a node to miss a round "
+                f"of the run's {rounds}"
+            )
+    if not (math.isfinite(kill_after) and kill_after >= 0):
+        problems.append(f"--kill-after {kill_after:g}: must be a number of seconds >= 0")
+    if not timeout > 0:
+        problems.append(f"timeout {timeout:g}: must be positive")
+    if problems:
+        raise DeploymentError("; ".join(problems))
+    return [float(b) for b in budgets]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSAL = re.compile(r"node \S+ (could not say who it is|not served)")
+
+
+def run_problems(
+    run_dir: Path, clients: int, *, killed: int | None = None, server_log: Path | None = None
+) -> list[str]:
+    """What kept a finished run from being a full federation, one line per client ([] when nothing did).
+
+    Every client should have a node that joined (the summary's `runtime.nodes`) and no client may be
+    recorded missing in a round; `killed` (the fault drill's node) is expected to go missing. With
+    problems, the refusals in `server_log` (the ServerApp's output) are added as they were logged.
+    """
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    joined = {int(client) for client in (summary.get("runtime") or {}).get("nodes", {})}
+    missing: dict[int, list[tuple[Any, str]]] = {}
+    for record in summary.get("rounds") or []:
+        for entry in record.get("missing") or []:
+            client = entry.get("client_id")
+            if client != killed:
+                missing.setdefault(client, []).append((record.get("round"), str(entry.get("reason", ""))))
+    problems = []
+    for client in sorted({c for c in range(clients) if c not in joined and c != killed} | set(missing)):
+        parts = []
+        if client not in joined:
+            parts.append("its SuperNode never joined the federation (refused by the ServerApp, or not connected)")
+        if client in missing:
+            rounds = ", ".join(str(r) for r, _ in missing[client])
+            reasons = "; ".join(dict.fromkeys(reason for _, reason in missing[client]))
+            parts.append(f"missing in round(s) {rounds} ({reasons})")
+        problems.append(f"client {client}: " + ", ".join(parts))
+    if problems and server_log is not None:
+        with contextlib.suppress(OSError):
+            text = _ANSI.sub("", server_log.read_text(encoding="utf-8", errors="replace"))
+            said = [line.split(":", 1)[-1].strip() for line in text.splitlines() if _REFUSAL.search(line)]
+            problems += [f"the ServerApp logged: {line}" for line in dict.fromkeys(said)]
+    return problems
+
+
+# ---- the deployment ------------------------------------------------------------------------------------
 
 
 def run_local_deployment(
@@ -96,25 +444,38 @@ def run_local_deployment(
     kill_after_round: int | None = None,
     simulation: bool = False,
     timeout: float = 1800.0,
+    join_timeout: float = 180.0,
 ) -> int:
-    """Run one experiment on a local SuperLink + SuperNodes; returns 0 when the run wrote its summary.
+    """Run one experiment on a local SuperLink + SuperNodes; returns 0 when it ran as a full federation.
 
-    `kill_node` (with `kill_after_round`, else `kill_after` seconds) is the fault drill of the module
-    docstring.
+    Raises DeploymentError (nothing was started) when the options cannot work, `IncompleteRunError`
+    when the run finished without some node (refused, missing in a round, dead), `Interrupted` on
+    SIGTERM / SIGINT / SIGHUP (in the main thread), after stopping everything it started. Returns the
+    failed run's code when there is no summary. `kill_node` (with `kill_after_round`, else `kill_after`
+    seconds) is the fault drill of the module docstring; `join_timeout`: seconds to wait for the
+    SuperNodes to join before submitting anyway (a node that never joins is then reported).
     """
     config = load_config(config_path, overrides)
     nodes = config.num_clients
-    budgets = betas if betas is not None else config.client_budgets()
-    if len(budgets) != nodes:
-        raise DeploymentError(f"{len(budgets)} budgets given for {nodes} clients")
-    if kill_node is not None and not 0 <= kill_node < nodes:
-        raise DeploymentError(f"--kill-node {kill_node}: the nodes are 0..{nodes - 1}")
-    if simulation and (kill_node is not None or betas is not None):
-        raise DeploymentError("--simulation runs virtual SuperNodes: --kill-node and --beta need a deployment")
-    ports = [port] if simulation else [port, *range(port + 1, port + 1 + nodes)]
-    busy = [p for p in ports if not _free(p)]
-    if busy:
-        raise DeploymentError(f"port(s) {busy} on 127.0.0.1 are in use; pick another --port")
+    budgets = _check_options(
+        config,
+        port=port,
+        betas=betas,
+        round_timeout=round_timeout,
+        min_replies=min_replies,
+        kill_node=kill_node,
+        kill_after=kill_after,
+        kill_after_round=kill_after_round,
+        simulation=simulation,
+        timeout=timeout,
+    )
+    tools = {name: _tool(name) for name in ("flower-superlink", "flower-superexec", "flwr")}
+    if not simulation:
+        tools["flower-supernode"] = _tool("flower-supernode")
+    app_dir = Path(app_dir).resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise DeploymentError(f"--app {app_dir}: not a Flower app folder (no pyproject.toml)")
+    _check_ports([port] if simulation else list(range(port, port + 1 + nodes)))
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise DeploymentError(f"{out} is not empty; choose a new --out")
@@ -127,106 +488,187 @@ def run_local_deployment(
         + (f"options.num-supernodes = {nodes}\noptions.backend.client-resources.num-cpus = 1\n" if simulation else ""),
         encoding="utf-8",
     )
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    started: list[subprocess.Popen] = []
-    handles = []
+    # the SuperLink and the SuperNodes start `flower-superexec` by name: the tools' folder goes first on PATH
+    path = os.pathsep.join([str(Path(tools["flower-superexec"]).parent), os.environ.get("PATH", "")])
+    processes = _Processes(logs, {**os.environ, "FLWR_HOME": str(home), "PATH": path}, out)
+    with _Signals() as signals:
+        try:
+            code, exited, killed = _run(
+                processes,
+                signals,
+                tools,
+                config_path,
+                out,
+                overrides,
+                budgets,
+                app_dir=app_dir,
+                port=port,
+                round_timeout=round_timeout,
+                min_replies=min_replies,
+                kill_node=kill_node,
+                kill_after=kill_after,
+                kill_after_round=kill_after_round,
+                simulation=simulation,
+                timeout=timeout,
+                join_timeout=join_timeout,
+            )
+        except BaseException:
+            signals.holding += 1  # a second Ctrl-C does not cut the clean-up short
+            processes.stop()
+            raise
+        signals.holding += 1
+        processes.stop()
+        if signals.pending is not None:
+            raise Interrupted(signals.pending)
+    if code != 0:
+        return code
+    problems = [
+        f"supernode-{node} exited with code {rc} during the run (see logs/supernode-{node}.log)"
+        for node, rc in sorted(exited.items())
+    ]
+    problems += run_problems(out / "run", nodes, killed=killed, server_log=logs / "flwr-run.log")
+    if problems:
+        raise IncompleteRunError(problems)
+    return 0
+
+
+def _run(
+    processes: _Processes,
+    signals: _Signals,
+    tools: dict[str, str],
+    config_path: str | None,
+    out: Path,
+    overrides: list[str],
+    budgets: list[float],
+    *,
+    app_dir: Path,
+    port: int,
+    round_timeout: float,
+    min_replies: int,
+    kill_node: int | None,
+    kill_after: float,
+    kill_after_round: int | None,
+    simulation: bool,
+    timeout: float,
+    join_timeout: float,
+) -> tuple[int, dict[int, int], int | None]:
+    """Starts the processes and waits for the run: (its code, {node: exit code} of SuperNodes that died
+    during the run, the node the drill killed or None)."""
+    logs = processes.logs
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed at the end)
-        handles.append(log)
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out, start_new_session=True
-        )
-        started.append(process)
-        return process
+        with signals.hold():
+            return processes.start(name, command)
 
-    try:
-        # --disable-runtime-dependency-installation: flwr 1.41's SuperLink otherwise `uv sync`s the app's
-        # dependencies into a fresh environment per run (an unpinned torch: GBs of CUDA wheels)
-        superlink = start(
-            "superlink",
-            [
-                _tool("flower-superlink"),
-                "--insecure",
-                *(["--simulation"] if simulation else []),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        _wait_for_port(port, 60, superlink)
-        supernodes = []
-        for client, beta in enumerate([] if simulation else budgets):
-            supernodes.append(
-                start(
-                    f"supernode-{client}",
-                    [
-                        _tool("flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(port + 1 + client),
-                        "--node-config",
-                        f"client-id={client} beta={beta}",
-                    ],
-                )
+    # --disable-runtime-dependency-installation: flwr 1.41's SuperLink otherwise `uv sync`s the app's
+    # dependencies into a fresh environment per run (an unpinned torch: GBs of CUDA wheels)
+    superlink = start(
+        "superlink",
+        [
+            tools["flower-superlink"],
+            "--insecure",
+            *(["--simulation"] if simulation else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
+    _wait_for_port(port, 60, superlink)
+    supernodes = []
+    for client, beta in enumerate([] if simulation else budgets):
+        supernodes.append(
+            start(
+                f"supernode-{client}",
+                [
+                    tools["flower-supernode"],
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(port + 1 + client),
+                    "--node-config",
+                    f"client-id={client} beta={beta}",
+                ],
             )
-        run_config = " ".join(
-            [
-                f"config={_toml_string(str(Path(config_path).resolve()) if config_path else '')}",
-                f"overrides={_toml_string(';'.join(overrides))}",
-                f"out-dir={_toml_string(str(out / 'run'))}",
-                f"round-timeout={float(round_timeout)}",
-                f"min-replies={int(min_replies)}",
-            ]
         )
-        command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config]
-        with open(logs / "flwr-run.log", "w", encoding="utf-8") as run_log:
-            runner = subprocess.Popen(command, stdout=run_log, stderr=subprocess.STDOUT, env=env, cwd=out)
-            submitted = time.monotonic()
-            started.append(runner)
-            if kill_node is not None:
+    _wait_for_nodes(processes, superlink, supernodes, join_timeout)
+    run_config = " ".join(
+        [
+            f"config={_toml_string(str(Path(config_path).resolve()) if config_path else '')}",
+            f"overrides={_toml_string(';'.join(overrides))}",
+            f"out-dir={_toml_string(str(out / 'run'))}",
+            f"round-timeout={float(round_timeout)}",
+            f"min-replies={int(min_replies)}",
+        ]
+    )
+    runner = start("flwr-run", [tools["flwr"], "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config])
+    submitted = time.monotonic()
+    killed: list[int] = []
+    if kill_node is not None:
 
-                def due() -> bool:
-                    if kill_after_round is None:
-                        return time.monotonic() - submitted >= kill_after
-                    done = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "run" / "checkpoint")]
-                    return bool(done) and max(done) >= kill_after_round
+        def due() -> bool:
+            if kill_after_round is None:
+                return time.monotonic() - submitted >= kill_after
+            done = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "run" / "checkpoint")]
+            return bool(done) and max(done) >= kill_after_round
 
-                def kill() -> None:
-                    while runner.poll() is None and not due():
-                        time.sleep(0.2)
-                    if runner.poll() is None and supernodes[kill_node].poll() is None:
-                        os.killpg(supernodes[kill_node].pid, signal.SIGKILL)
-                        (logs / "killed.txt").write_text(f"supernode-{kill_node} at {time.time():.0f}\n")
+        def kill() -> None:
+            while runner.poll() is None and not due():
+                time.sleep(0.2)
+            if runner.poll() is None and supernodes[kill_node].poll() is None:
+                killed.append(kill_node)  # first: the main thread must not count it as a node that died
+                os.killpg(supernodes[kill_node].pid, signal.SIGKILL)
+                (logs / "killed.txt").write_text(f"supernode-{kill_node} at {time.time():.0f}\n")
 
-                threading.Thread(target=kill, daemon=True).start()
-            deadline = time.monotonic() + timeout
-            while runner.poll() is None:
-                if (out / "run" / "summary.json").is_file():
-                    time.sleep(2)  # the ServerApp has written its last file; let the stream end
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the run did not finish within {timeout:g} s; see {logs}")
-                time.sleep(1)
-        return 0 if (out / "run" / "summary.json").is_file() else (runner.returncode or 1)
-    finally:
-        for process in reversed(started):  # only what this function started
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGTERM) if process is not started[-1] else process.terminate()
-        for process in started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
-        for handle in handles:
-            handle.close()
+        threading.Thread(target=kill, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while runner.poll() is None:
+        if (out / "run" / "summary.json").is_file():
+            time.sleep(2)  # the ServerApp has written its last file; let the stream end
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the run did not finish within {timeout:g} s; see {logs}")
+        processes.refresh()
+        time.sleep(1)
+    exited = {
+        node: process.returncode
+        for node, process in enumerate(supernodes)
+        if process.poll() is not None and node not in killed
+    }
+    code = 0 if (out / "run" / "summary.json").is_file() else (runner.returncode or 1)
+    return code, exited, (killed[0] if killed else None)
+
+
+def _wait_for_nodes(
+    processes: _Processes, superlink: subprocess.Popen, supernodes: list[subprocess.Popen], timeout: float
+) -> None:
+    """Until every SuperNode has joined the SuperLink (its log says so) or `timeout` s have passed (the run
+    is then submitted anyway, and a node that never joins is reported after it); RuntimeError when the
+    SuperLink or a SuperNode exits first."""
+    pending = set(range(len(supernodes)))
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if superlink.poll() is not None:
+            raise RuntimeError(
+                f"the SuperLink exited (code {superlink.returncode}); see {processes.logs / 'superlink.log'}"
+            )
+        for node in sorted(pending):
+            log = processes.logs / f"supernode-{node}.log"
+            text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+            if NODE_JOINED in text:
+                pending.discard(node)
+            elif supernodes[node].poll() is not None:
+                last = [line for line in _ANSI.sub("", text).splitlines() if line.strip()][-1:]
+                raise RuntimeError(
+                    f"supernode-{node} exited (code {supernodes[node].returncode}) before joining the SuperLink"
+                    + (f": {last[0].strip()}" if last else "")
+                    + f"; see {log}"
+                )
+        processes.refresh()
+        if pending:
+            time.sleep(0.5)
 
 
 def _last_error(log: Path) -> str:
@@ -235,7 +677,7 @@ def _last_error(log: Path) -> str:
         lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
         errors = [line for line in lines if "Error:" in line or "Error(" in line]
         if errors:
-            return f": {errors[-1]}"
+            return f": {_ANSI.sub('', errors[-1])}"
     return ""
 
 
@@ -253,13 +695,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a round waits for replies (a fresh ClientApp "
         "process loads the model for every message, minutes on a busy CPU)",
     )
-    parser.add_argument("--min-replies", type=int, default=1)
+    parser.add_argument("--min-replies", type=int, default=1, help="fewest updates a round may be aggregated from")
     parser.add_argument("--kill-node", type=int, help="fault drill: kill this SuperNode ...")
     parser.add_argument("--kill-after", type=float, default=30.0, help="... this many seconds after submitting")
     parser.add_argument("--kill-after-round", type=int, help="... or once the checkpoint of this round is written")
     parser.add_argument("--simulation", action="store_true", help="a simulation SuperLink (Ray) instead of SuperNodes")
     parser.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[3], help="the Flower app folder")
     args = parser.parse_args(argv)
+    logs = args.out / "logs"
     try:
         code = run_local_deployment(
             args.config,
@@ -275,12 +718,16 @@ def main(argv: list[str] | None = None) -> int:
             kill_after_round=args.kill_after_round,
             simulation=args.simulation,
         )
-    except KeyboardInterrupt:
-        print("interrupted; every process started was stopped", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"{signal.Signals(signum).name}: stopped every process it started; logs in {logs}", file=sys.stderr)
+        return 128 + int(signum)
     except (DeploymentError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except IncompleteRunError as error:
+        print(f"error: {error}; outputs in {args.out / 'run'}, logs in {logs}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -288,9 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0:
         print(f"done: {summary}")
     else:
-        print(
-            f"the run failed (code {code}){_last_error(args.out / 'logs' / 'flwr-run.log')}; logs in {args.out / 'logs'}"
-        )
+        print(f"the run failed (code {code}){_last_error(logs / 'flwr-run.log')}; logs in {logs}", file=sys.stderr)
     return code
 
 
