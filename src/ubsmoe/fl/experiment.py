@@ -37,8 +37,17 @@ from torch import nn
 from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
 from ubsmoe.data.federated import FederatedData, federated_data
 from ubsmoe.data.prompts import collate, pad_token_id
-from ubsmoe.fl.checkpoint import latest_checkpoint
 from ubsmoe.fl.methods import MethodSettings, client_rank, tier_view
+from ubsmoe.fl.outdir import (
+    RUN_MARKER,
+    load_resume_checkpoint,
+    lock_output,
+    new_run_clashes,
+    output_folder,
+    rebuild_metrics,
+    resume_config_changes,
+    write_run_marker,
+)
 from ubsmoe.fl.payload import GlobalState, load_global_state
 from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
 from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
@@ -264,24 +273,78 @@ def initial_global_state(model: nn.Module, config: ExperimentConfig) -> GlobalSt
 
 
 def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | None, resume: bool) -> ExperimentConfig:
-    """The run's configuration: saved into a fresh OUT, or read back from OUT on resume (ConfigError otherwise)."""
+    """The run's configuration: saved into a fresh OUT, or read back from OUT on resume (ConfigError otherwise).
+
+    A new run needs a folder that holds nothing a run writes (`ubsmoe.fl.outdir.new_run_clashes`); it
+    writes the run marker (with its configuration), then `config.yaml`. On resume, `config.yaml` may
+    differ from the run's original configuration only in `federation.rounds` (to extend the run).
+    """
     out = Path(out_dir)
     saved = out / CONFIG_FILE
     if config is not None and config.method not in METHODS:
         raise ConfigError(f"method = {config.method!r}: unknown; choose one of {', '.join(METHODS)}")
     if resume:
+        if not out.is_dir():
+            raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
         if not saved.is_file():
             raise ConfigError(f"--resume {out}: no {CONFIG_FILE} there; it is not the folder of a `ubsmoe run`")
-        return load_config(saved)
+        config = load_config(saved)
+        changes = resume_config_changes(out, config.to_dict())
+        if changes:
+            raise ConfigError(
+                [
+                    f"--resume {out}: {saved} differs from the configuration the run started with:",
+                    *(f"  {change}" for change in changes),
+                    "only federation.rounds may change on resume (to extend the run); undo the other edits, or "
+                    f"start a new run with them in another folder (--config {saved} --out NEW_FOLDER)",
+                ]
+            )
+        return config
     if config is None:
         raise ConfigError("no configuration given")
-    if latest_checkpoint(out / CHECKPOINT_DIR) is not None or (out / "summary.json").exists():
+    folder = output_folder(out)
+    clashes = new_run_clashes(folder)
+    if clashes:
+        names = ", ".join(c for c in clashes if c != RUN_MARKER) or RUN_MARKER
+        if any(c in clashes for c in (RUN_MARKER, f"{CHECKPOINT_DIR}/", "summary.json", INITIAL_EVAL_FILE)):
+            raise ConfigError(
+                f"output folder {str(out)!r} already holds a run ({names}); pass --resume {out} to continue it, "
+                "or choose another folder with --out"
+            )
         raise ConfigError(
-            f"output.dir = {str(out)!r} already holds a run; pass --resume {out} to continue it, or choose another "
-            "folder with --out"
+            f"output folder {str(out)!r} already holds {names}, which a new run would overwrite; choose a new or "
+            "empty folder with --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    write_run_marker(folder, config.to_dict())
     save_config(config, saved)
+    return config
+
+
+def _prepare_resume(out: Path, config: ExperimentConfig) -> ExperimentConfig:
+    """Check the newest checkpoint, rebuild metrics.jsonl from it; the settings `run_simulation` resumes with.
+
+    `federation.rounds` may have been raised: the simulation then runs with the checkpointed run's
+    settings (its LR schedule; rounds past its end run at the schedule's last rate) and the new count.
+    """
+    found = load_resume_checkpoint(out / CHECKPOINT_DIR)
+    if found is None:
+        return config
+    path, state, meta = found
+    if config.federation.rounds < state.round:
+        raise ConfigError(
+            f"federation.rounds = {config.federation.rounds} in {out / CONFIG_FILE}: the run has completed "
+            f"{state.round} rounds ({path}); --resume can keep or raise federation.rounds, not lower it"
+        )
+    extra = meta["extra"]
+    if isinstance(extra.get("records"), list):
+        rebuild_metrics(out, extra["records"], state.round)
+    fingerprint = extra.get("fingerprint")
+    settings = fingerprint.get("settings") if isinstance(fingerprint, dict) else None
+    original = settings.get("total_rounds") if isinstance(settings, dict) else None
+    if isinstance(original, int) and original >= 1 and original != config.federation.rounds:
+        data = config.to_dict()
+        data["federation"]["rounds"] = original
+        return ExperimentConfig.from_dict(data)
     return config
 
 
@@ -291,13 +354,26 @@ def run_experiment(
     resume: bool = False,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) one experiment and write its outputs; returns the summary (see the module docstring)."""
-    from ubsmoe.report.summary import build_summary, write_outputs
+    """Run (or resume) one experiment and write its outputs; returns the summary (see the module docstring).
 
-    reporter = reporter or Reporter()
+    The output folder stays locked for the whole run (`ubsmoe.fl.outdir.lock_output`): a second run on
+    it fails at once with an `OutputFolderError` (a `ConfigError`) naming the holder's pid.
+    """
     started = time.perf_counter()
     out = Path(out_dir if out_dir is not None else (config.output.dir if config else "runs/default"))
+    if resume and not out.is_dir():
+        raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
+    with lock_output(out, create=not resume):
+        return _run_locked(config, out, resume, reporter or Reporter(), started)
+
+
+def _run_locked(
+    config: ExperimentConfig | None, out: Path, resume: bool, reporter: Reporter, started: float
+) -> dict[str, Any]:
+    from ubsmoe.report.summary import build_summary, write_outputs
+
     config = prepare_output(out, config, resume)
+    settings = _prepare_resume(out, config) if resume else config
 
     reporter.stage("loading the model")
     loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps)
@@ -327,23 +403,32 @@ def run_experiment(
     def evaluate(model: nn.Module, round: int, state: GlobalState) -> dict[str, Any]:
         return evaluator(model, round, state) if evaluation_due(config, round) else {}
 
-    records = run_simulation(
-        model,
-        data.client_encoded,
-        top_ks,
-        config,
-        out_dir=out,
-        evaluate=evaluate,
-        on_round=reporter.round_finished,
-        resume=resume,
-        pad_id=pad_token_id(tokenizer),
-        max_norm=config.federation.max_update_norm,
-        keep_checkpoints=config.output.keep_checkpoints,
-        on_round_start=lambda r, p: reporter.round_started(
-            r, config.federation.rounds, p, config.federation.local_steps
-        ),
-        on_step=reporter.step,
-    )
+    try:
+        records = run_simulation(
+            model,
+            data.client_encoded,
+            top_ks,
+            settings,
+            rounds=config.federation.rounds,
+            out_dir=out,
+            evaluate=evaluate,
+            on_round=reporter.round_finished,
+            resume=resume,
+            pad_id=pad_token_id(tokenizer),
+            max_norm=config.federation.max_update_norm,
+            keep_checkpoints=config.output.keep_checkpoints,
+            on_round_start=lambda r, p: reporter.round_started(
+                r, config.federation.rounds, p, config.federation.local_steps
+            ),
+            on_step=reporter.step,
+        )
+    except ValueError as error:
+        if not (resume and str(error).startswith("cannot resume from")):
+            raise
+        raise ConfigError(
+            f"{error}: the data, the model or {CONFIG_FILE} changed since the run started; undo the change, or "
+            "start a new run in another folder"
+        ) from None
     reporter.stage("writing the summary and plots")
     summary = build_summary(
         config=config,
