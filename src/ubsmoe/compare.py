@@ -7,7 +7,10 @@ the seeds measure the training's randomness on one federation). Runs land in
 `OUT/<method>/seed<k>/`; running the command again reuses finished runs, resumes interrupted ones
 from their checkpoints and starts the rest, so a long comparison survives interruptions.
 `OUT/base_config.yaml` records the base configuration: a folder that holds a comparison of another
-configuration is refused.
+configuration is refused. A run folder that holds a `config.yaml` but no checkpoint (stopped before
+its first round) is resumed too (it restarts with its saved configuration). `OUT` is locked while the
+command runs (`ubsmoe.fl.outdir.lock_output`; a second `ubsmoe compare` on it fails at once), and
+every run locks its own folder.
 
 Method labels are the config's method names plus the N_p ablation of UB-SMoE: `ubsmoe-np1x`,
 `ubsmoe-np2x`, `ubsmoe-np4x` run `ubsmoe` with moe.num_candidates = 1, 2, 4 x K_max, clipped to the
@@ -18,7 +21,8 @@ base configuration and the N_p actually used), `OUT/comparison.md` and `OUT/plot
 
 `finished_only=True` (`ubsmoe compare --finished-only`) runs nothing: it builds the comparison from the
 runs that have a summary.json, lists the others under `missing`, and leaves out a method with none,
-so a long comparison can be read while it runs (and the table says how many seeds each row has).
+so a long comparison can be read while it runs (and the table says how many seeds each row has); it
+takes no lock.
 """
 
 from __future__ import annotations
@@ -92,7 +96,9 @@ def _check_folder(base: ExperimentConfig, out: Path) -> None:
                 "--config/--set to continue it"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
+    from ubsmoe.fl.outdir import output_folder
+
+    output_folder(out)
     save_config(base, saved)
 
 
@@ -110,13 +116,30 @@ def run_comparison(
     `run(config, folder, resume)` runs one experiment (default: `run_experiment` without progress);
     `on_run(label, seed, status)` is told 'reused', 'resumed' or 'started' before each run.
     """
-    from ubsmoe.fl.checkpoint import latest_checkpoint
-    from ubsmoe.fl.experiment import run_experiment
-    from ubsmoe.report.comparison import build_comparison, comparison_markdown, write_comparison_plots
+    from ubsmoe.fl.outdir import lock_output
 
     if not (isinstance(seeds, int) and seeds >= 1):
         raise ConfigError(f"--seeds {seeds}: must be an integer >= 1")
     out = Path(out)
+    if finished_only:  # reads while another `ubsmoe compare` may hold the folder
+        return _compare(base, labels, seeds, out, run, on_run, finished_only)
+    with lock_output(out):
+        return _compare(base, labels, seeds, out, run, on_run, finished_only)
+
+
+def _compare(
+    base: ExperimentConfig,
+    labels: Sequence[str],
+    seeds: int,
+    out: Path,
+    run: Callable[[ExperimentConfig | None, Path, bool], dict[str, Any]] | None,
+    on_run: Callable[[str, int, str], None] | None,
+    finished_only: bool,
+) -> dict[str, Any]:
+    from ubsmoe.fl.checkpoint import latest_checkpoint
+    from ubsmoe.fl.experiment import run_experiment
+    from ubsmoe.report.comparison import build_comparison, comparison_markdown, write_comparison_plots
+
     _check_folder(base, out)
     run = run or (lambda config, folder, resume: run_experiment(config, folder, resume=resume))
     started = time.perf_counter()
@@ -134,8 +157,8 @@ def run_comparison(
             if summary_path.is_file():
                 status = "reused"
                 summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            elif latest_checkpoint(folder / "checkpoint") is not None:
-                status = "resumed"
+            elif latest_checkpoint(folder / "checkpoint") is not None or (folder / "config.yaml").is_file():
+                status = "resumed"  # with no checkpoint yet (stopped before its first round) it restarts
             else:
                 status = "started"
             if finished_only and status != "reused":
