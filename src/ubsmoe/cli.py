@@ -215,6 +215,10 @@ def show_config(
             return
     except ConfigError as error:
         raise _fail(str(error)) from None
+    except OSError as error:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or error
+        raise _fail(f"cannot write {out}: {reason}") from None
     import yaml
 
     print(yaml.safe_dump(experiment.to_dict(), sort_keys=False), end="")
