@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 
 from ubsmoe.cli import app
 from ubsmoe.config import ConfigError, load_config, save_config
-from ubsmoe.fl.checkpoint import CheckpointError, save_checkpoint
+from ubsmoe.fl.checkpoint import save_checkpoint
 from ubsmoe.fl.experiment import prepare_output, run_experiment
 from ubsmoe.fl.outdir import (
     LOCK_FILE,
@@ -45,9 +46,9 @@ def test_a_locked_folder_refuses_a_second_run_at_once_naming_the_holder(tmp_path
     out = tmp_path / "out"
     with lock_output(out) as folder:
         assert folder == out and (out / LOCK_FILE).read_text().strip() == str(os.getpid())
-        with pytest.raises(OutputFolderError, match=rf"{out}.*in use by another ubsmoe run \(pid {os.getpid()}\)"):
-            with lock_output(out):
-                pass
+        held = rf"{re.escape(str(out))}.*in use by another ubsmoe run \(pid {os.getpid()}\)"
+        with pytest.raises(OutputFolderError, match=held), lock_output(out):
+            pass
         # a whole run is refused before it loads anything, through the CLI with one message
         result = _cli("run", "--out", str(out))
         assert result.exit_code == 2 and "Traceback" not in result.output
@@ -68,9 +69,8 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputFolderError, match=rf"pid {holder.pid}\)"):
-            with lock_output(out):
-                pass
+        with pytest.raises(OutputFolderError, match=rf"pid {holder.pid}\)"), lock_output(out):
+            pass
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs in the holder
         holder.wait()
@@ -87,6 +87,10 @@ def test_a_new_run_refuses_a_folder_holding_files_it_would_overwrite(tmp_path):
     (tmp_path / "adapters" / "a.bin").write_bytes(b"mine")
     with pytest.raises(ConfigError, match=r"config.yaml, metrics.jsonl, adapters/, which a new run would overwrite"):
         prepare_output(tmp_path, config, resume=False)
+    result = _cli("run", "--out", str(tmp_path))  # `--out .` in a folder of one's own files
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert _says(result, "which a new run would overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "config.yaml", "metrics.jsonl"]  # no lock file
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
     assert (tmp_path / "metrics.jsonl").read_text() == '{"mine": 1}\n'
     assert not (tmp_path / RUN_MARKER).exists()

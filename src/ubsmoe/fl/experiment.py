@@ -2,7 +2,10 @@
 
 `run_experiment(config, out_dir, resume=False, reporter=None)` is what `ubsmoe run` calls:
 
-1. writes `OUT/config.yaml` (the full configuration; `--resume` reads it back);
+1. locks OUT for the whole run (`ubsmoe.fl.outdir`: a second run on it fails at once), refuses a
+   new run into a folder that holds files a run writes, writes the run marker and `OUT/config.yaml`
+   (the full configuration; `--resume` reads it back, and accepts an edit of `federation.rounds`
+   only, which extends the run; on resume `OUT/metrics.jsonl` is rebuilt from the newest checkpoint);
 2. loads the model (`ubsmoe.models.loading`) and the data (`ubsmoe.data.federated`), and checks the
    config against both (N_p, clients vs examples);
 3. measures each tier's training FLOPs per sample: analytic (`flops_per_token` x the mean training
@@ -303,21 +306,27 @@ def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | N
     if config is None:
         raise ConfigError("no configuration given")
     folder = output_folder(out)
-    clashes = new_run_clashes(folder)
-    if clashes:
-        names = ", ".join(c for c in clashes if c != RUN_MARKER) or RUN_MARKER
-        if any(c in clashes for c in (RUN_MARKER, f"{CHECKPOINT_DIR}/", "summary.json", INITIAL_EVAL_FILE)):
-            raise ConfigError(
-                f"output folder {str(out)!r} already holds a run ({names}); pass --resume {out} to continue it, "
-                "or choose another folder with --out"
-            )
-        raise ConfigError(
-            f"output folder {str(out)!r} already holds {names}, which a new run would overwrite; choose a new or "
-            "empty folder with --out"
-        )
+    _refuse_clashes(folder)
     write_run_marker(folder, config.to_dict())
     save_config(config, saved)
     return config
+
+
+def _refuse_clashes(out: Path) -> None:
+    """A ConfigError when `out` holds anything a new run would write (it writes nothing itself)."""
+    clashes = new_run_clashes(out)
+    if not clashes:
+        return
+    names = ", ".join(c for c in clashes if c != RUN_MARKER) or RUN_MARKER
+    if any(c in clashes for c in (RUN_MARKER, f"{CHECKPOINT_DIR}/", "summary.json", INITIAL_EVAL_FILE)):
+        raise ConfigError(
+            f"output folder {str(out)!r} already holds a run ({names}); pass --resume {out} to continue it, "
+            "or choose another folder with --out"
+        )
+    raise ConfigError(
+        f"output folder {str(out)!r} already holds {names}, which a new run would overwrite; choose a new or "
+        "empty folder with --out"
+    )
 
 
 def _prepare_resume(out: Path, config: ExperimentConfig) -> ExperimentConfig:
@@ -363,6 +372,8 @@ def run_experiment(
     out = Path(out_dir if out_dir is not None else (config.output.dir if config else "runs/default"))
     if resume and not out.is_dir():
         raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
+    if not resume:  # before the lock file is made: a refused folder is left exactly as it was
+        _refuse_clashes(out)
     with lock_output(out, create=not resume):
         return _run_locked(config, out, resume, reporter or Reporter(), started)
 
