@@ -282,3 +282,35 @@ def test_moefied_embedded_default_is_exact_at_full_k(cache_env):
             losses[k] = model(probe, labels=probe).loss.item()
     assert losses[8] == pytest.approx(dense_loss, rel=1e-4)
     assert dense_loss < losses[2] < 20.0
+
+
+def test_answer_only_loss_equals_the_full_loss_on_the_embedded_default(cache_env):
+    """The real SmolLM2: the answer-only loss and its gradients match the full-logits loss to 1e-6."""
+    from ubsmoe.models.answer_loss import answer_loss
+
+    model, tokenizer = load_embedded_default()
+    model.requires_grad_(False)
+    trained = [
+        model.model.norm.weight,
+        model.model.layers[-1].mlp.down_proj.weight,
+        model.model.layers[3].mlp.up_proj.weight,
+    ]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    rows = [tokenizer(text)["input_ids"][:40] for text in (CALIBRATION_TEXT[:400], CALIBRATION_TEXT[400:700])]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(row) - 6 : len(row)] = ids[i, len(row) - 6 : len(row)]  # a six-token "answer"
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    full_grads = torch.autograd.grad(full, trained)
+    result = answer_loss(model, ids, labels, mask)
+    grads = torch.autograd.grad(result.loss, trained)
+    assert result.tokens == 2 * 6
+    torch.testing.assert_close(result.loss, full, rtol=0, atol=1e-6)
+    for got, want in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -155,6 +155,29 @@ def test_moefied_dense_model_matches_counter():
             assert measured(model, training) == expected * BATCH * SEQ, (top_k, training)
 
 
+def test_answer_only_training_counts_the_head_at_the_labelled_positions():
+    """Training with the answer-only loss: the LM head's FLOPs follow the labelled share of the tokens."""
+    from ubsmoe.models.answer_loss import answer_loss
+
+    model, _ = moefied_llama()
+    dims = ModelDims.from_model(model, seq_len=SEQ)
+    tokens = ids()
+    labels = torch.full_like(tokens, -100)
+    labels[:, SEQ - 4 :] = tokens[:, SEQ - 4 :]  # four answer tokens per row: four head positions after the shift
+    model.train()
+    for top_k in (2, 8):
+        set_top_k(model, top_k)
+        total = count_flops(lambda: answer_loss(model, tokens, labels).loss.backward())
+        model.zero_grad(set_to_none=True)
+        share = 4 / SEQ
+        expected = flops_per_token(dims, top_k, RANK, head_share=share)
+        assert total == pytest.approx(expected["total"] * BATCH * SEQ, rel=1e-12), top_k
+        full = flops_per_token(dims, top_k, RANK)
+        assert full["total"] - expected["total"] == pytest.approx(full["lm_head"] * (1 - share), rel=1e-12)
+    with pytest.raises(ValueError, match="head_share"):
+        flops_per_token(dims, 2, RANK, head_share=1.5)
+
+
 # ---- dimensions --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("model_type", "overrides"),

@@ -6,7 +6,8 @@
    work buffer that the next call overwrites again; nothing in the returned update refers to it);
 2. sets K_c (`set_top_k`), clears the utilization counters and any stale pseudo-gradient masses;
 3. trains `local_steps` steps, cycling over `batches`, with a fresh AdamW (or SGD) over the
-   parameters with `requires_grad`: loss = LM loss (labels -100 ignored) + `range_loss(model)`,
+   parameters with `requires_grad`: loss = LM loss over the answer tokens (`answer_loss`: the LM
+   head runs only where a label is) + `range_loss(model)`,
    backward, `apply_pseudo_gradients(model)`, gradient-norm clipping, step;
 4. returns a `ClientUpdate`: adapter deltas (local minus global), phi, the counts and tokens of the
    round, num_examples, K_c and metrics, all as detached CPU copies.
@@ -40,6 +41,7 @@ from torch import nn
 
 from ubsmoe.fl.methods import MethodSettings, next_rank, rank_penalty, zero_tail
 from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state, local_parameters
+from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.moe import (
     apply_pseudo_gradients,
     balance_loss,
@@ -214,11 +216,10 @@ def client_update(
             processed += _batch_size(batch)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else batch["input_ids"].numel()
-            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            output = model(**inputs)
-            lm_loss = output.loss
-            if lm_loss is None:
-                raise ValueError("the model returned no loss: every batch needs 'labels'")
+            if not isinstance(batch.get("labels"), torch.Tensor):
+                raise ValueError("every batch needs 'labels' (the answer tokens; -100 elsewhere)")
+            mask = mask.to(device) if isinstance(mask, torch.Tensor) else None
+            lm_loss = answer_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), mask).loss
             loss = lm_loss + range_loss(model).to(lm_loss.device) + balance_loss(model).to(lm_loss.device)
             penalty = rank_penalty(method, adapters, rank) if rank is not None else None
             if penalty is not None:

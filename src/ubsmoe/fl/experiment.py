@@ -55,6 +55,7 @@ from ubsmoe.fl.payload import GlobalState, load_global_state
 from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
 from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
 from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
+from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
 from ubsmoe.moe import model_device, moe_blocks, set_top_k
 from ubsmoe.paths import write_text_atomic
@@ -145,9 +146,15 @@ def _countable(model: nn.Module) -> Iterator[None]:
 def tier_flops(
     model: nn.Module, config: ExperimentConfig, tiers: list[Tier], data: FederatedData
 ) -> list[dict[str, Any]]:
-    """Training FLOPs per sample of each tier: analytic and measured on the same real sequences."""
-    lengths = [len(e["input_ids"]) for client in data.client_encoded for e in client]
+    """Training FLOPs per sample of each tier: analytic and measured on the same real sequences.
+
+    A training step is what `client_update` runs: the answer-only loss (`answer_loss`), so the LM head
+    costs FLOPs only at the labelled positions.
+    """
+    encoded = [e for client in data.client_encoded for e in client]
+    lengths = [len(e["input_ids"]) for e in encoded]
     mean_length = statistics.fmean(lengths)
+    head_share = sum(_answer_positions(e) for e in encoded) / sum(lengths)
     samples = [e for client in data.client_encoded for e in client][:FLOP_SAMPLES]
     dims = ModelDims.from_model(model)
     options = {
@@ -166,8 +173,8 @@ def tier_flops(
 
         tier_options = {**options, "lora_rank": tier.rank}
 
-        def per_sample(length: int, top_k: int = tier.top_k, tier_options: dict = tier_options) -> float:
-            return flops_per_token(dims, top_k, seq_len=length, **tier_options)["total"] * length
+        def per_sample(length: int, share: float, top_k: int = tier.top_k, tier_options: dict = tier_options) -> float:
+            return flops_per_token(dims, top_k, seq_len=length, head_share=share, **tier_options)["total"] * length
 
         measured = 0
         model.train()
@@ -176,21 +183,32 @@ def tier_flops(
                 batch = {k: v.to(device) for k, v in collate([sample], 0).items()}
 
                 def step(batch: dict[str, torch.Tensor] = batch) -> None:
-                    model(**batch).loss.backward()
+                    answer_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"]).loss.backward()
 
                 measured += count_flops(step)
         model.zero_grad(set_to_none=True)
         rows.append(
             {
-                "analytic": per_sample(round(mean_length)),
+                "analytic": per_sample(round(mean_length), head_share),
                 "measured": measured / len(samples) if config.evaluation.measure_flops else None,
-                "analytic_same_samples": sum(per_sample(len(s["input_ids"])) for s in samples) / len(samples),
+                "analytic_same_samples": sum(
+                    per_sample(len(s["input_ids"]), _answer_positions(s) / len(s["input_ids"])) for s in samples
+                )
+                / len(samples),
                 "tokens_per_sample": mean_length,
-                "per_token": flops_per_token(dims, tier.top_k, seq_len=round(mean_length), **tier_options),
+                "head_share": head_share,
+                "per_token": flops_per_token(
+                    dims, tier.top_k, seq_len=round(mean_length), head_share=head_share, **tier_options
+                ),
             }
         )
     model.train(was_training)
     return rows
+
+
+def _answer_positions(example: dict[str, Any]) -> int:
+    """Positions at which the answer-only loss applies the LM head: labelled tokens after the shift."""
+    return sum(1 for label in example["labels"][1:] if label != -100)
 
 
 class TierEvaluator:

@@ -39,6 +39,7 @@ from ubsmoe.flower.records import (
     update_to_records,
 )
 from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, config_from_json, load_runtime, node_identity
+from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.moe import set_top_k
 
 __all__ = ["LOCAL_RECORD", "app", "client_evaluate", "client_train", "identity_reply"]
@@ -130,12 +131,10 @@ def client_evaluate(content: RecordDict, context: Context) -> RecordDict:
     total, tokens = 0.0, 0
     try:
         for batch in batches:
-            labels = batch["labels"]
-            count = int((labels[:, 1:] != -100).sum())  # the tokens the shifted LM loss averages over
-            loss = model(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}).loss
-            if count:
-                total += float(loss) * count
-                tokens += count
+            result = answer_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+            if result.tokens:
+                total += float(result.loss) * result.tokens
+                tokens += result.tokens
     finally:
         model.train(was_training)
     mean = total / tokens if tokens else float("nan")

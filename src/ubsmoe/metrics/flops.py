@@ -38,6 +38,9 @@ compare against exactly):
     2 * r * out per routed token), the router when `router_trainable`. Frozen base weights get no
     weight-gradient GEMM (so training costs about 2x the forward pass, not the 3x of full
     fine-tuning).
+  The LM head runs where logits are used: at every position by default (`head_share` = 1), only at
+  the labelled answer positions in training with the answer-only loss (`head_share` = their share
+  of the tokens; `ubsmoe.models.answer_loss`).
   The pseudo-gradient, the range regulariser and the optimizer step are O(parameters) per step, not
   per token, and are not counted.
 - Per-token figures are the totals for B sequences of length S divided by B * S; every term is
@@ -334,7 +337,8 @@ def flops_per_token(
     dmr: bool = True,
     router_trainable: bool = False,
     pseudo_gradient: bool = True,
-) -> dict[str, int]:
+    head_share: float = 1.0,
+) -> dict[str, float]:
     """Matmul FLOPs per token of a model with `top_k` experts per token and expert LoRA of `lora_rank`.
 
     Args:
@@ -349,8 +353,11 @@ def flops_per_token(
         router_trainable: the router weight trains (adds its weight gradient, and the gates need one).
         pseudo_gradient: PG is on; it only matters for `dims.dense_at_full_k` at K = M, where the
             routing probabilities are still computed (without gradient) for PG's bookkeeping.
+        head_share: the share of positions at which the LM head runs. 1 computes logits everywhere
+            (a plain forward); training with `ubsmoe.models.answer_loss` applies the head only at
+            the labelled (answer) positions, so there it is labelled tokens / tokens.
 
-    Returns a dict of integers: one entry per component of `COMPONENTS` (forward + backward when
+    Returns a dict of numbers (integers when `head_share` is 1): one entry per component of `COMPONENTS` (forward + backward when
     training), `moe` (router, routed experts, expert LoRA and shared expert: the MoE layers' FFN part),
     `forward`, `backward_inputs`, `backward_weights` and `total`.
     """
@@ -366,6 +373,8 @@ def flops_per_token(
     s = dims.seq_len if seq_len is None else seq_len
     if not isinstance(s, int) or s < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if not 0.0 <= head_share <= 1.0:
+        raise ValueError(f"head_share must be in [0, 1], got {head_share!r}")
     r = lora_rank
     if r == 0:
         targets = ()
@@ -393,7 +402,7 @@ def flops_per_token(
         shared = 6 * h * dims.shared_intermediate + (2 * h if dims.shared_expert_gate else 0)
         tally.add("shared_expert", shared, shared if back else 0)
         needs_grad = needs_grad or block_trains
-    lm_head = 2 * h * dims.vocab
+    lm_head = 2 * h * dims.vocab * (1 if head_share == 1 else head_share)
     tally.add("lm_head", lm_head, lm_head if training and needs_grad else 0)
 
     result = {c: sum(tally.parts[c]) for c in COMPONENTS}

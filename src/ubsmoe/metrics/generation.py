@@ -20,7 +20,7 @@ import torch
 
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import encode_text, left_pad, pad_token_id
-from ubsmoe.metrics.kv_cache import cache_keyword, returned_cache
+from ubsmoe.metrics.kv_cache import cache_keyword, forward_takes, returned_cache
 from ubsmoe.moe.model import model_device
 
 
@@ -83,6 +83,8 @@ def greedy_generate(
     done = [False] * len(prompts)
     past = None
     cache_name = cache_keyword(model)
+    # only the last position's logits are read: the prefill skips the LM head everywhere else
+    last_only = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}
     for step in range(max_new_tokens):
         output = model(
             input_ids=input_ids,
@@ -90,6 +92,7 @@ def greedy_generate(
             position_ids=position_ids,
             use_cache=True,
             **{cache_name: past},
+            **last_only,
         )
         past = returned_cache(output)
         next_tokens = output.logits[:, -1].argmax(dim=-1)
