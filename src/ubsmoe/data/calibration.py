@@ -8,7 +8,7 @@ sees evaluation text. Each example becomes "input target" with its gold target.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ubsmoe.data.bigbench import load_bigbench_task
@@ -31,11 +31,14 @@ def _gold(example: dict[str, Any]) -> str:
     return str(target[0] if isinstance(target, list) and target else target)
 
 
-def task_texts(names: Iterable[str]) -> list[str]:
-    """One text per example ("input gold-target") of each named BIG-bench task, in file order."""
+def task_texts(names: Iterable[str], progress: Callable[[str], None] | None = None) -> list[str]:
+    """One text per example ("input gold-target") of each named BIG-bench task, in file order.
+
+    `progress(text)` is told of a BIG-bench download or extraction (slow the first time on a machine).
+    """
     texts = []
     for name in names:
-        for example in load_bigbench_task(name).get("examples", []):
+        for example in load_bigbench_task(name, progress).get("examples", []):
             if isinstance(example, dict) and isinstance(example.get("input"), str):
                 texts.append(f"{example['input'].strip()} {_gold(example).strip()}".strip())
     return texts

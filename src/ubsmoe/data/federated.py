@@ -59,9 +59,11 @@ class FederatedData:
         }
 
 
-def _task_examples(section: DataSection, task: str) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
+def _task_examples(
+    section: DataSection, task: str, progress: Callable[[str], None] | None = None
+) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
     if section.source == "bigbench":
-        examples = from_bigbench(load_bigbench_task(task), task)
+        examples = from_bigbench(load_bigbench_task(task, progress), task)
         if len(examples) < 2:
             raise DataError(
                 f"data.tasks: BIG-bench task {task!r} has {len(examples)} multiple-choice example(s) "
@@ -101,7 +103,7 @@ def federated_data(
     for task in section.tasks:
         if progress:
             progress(f"data: {task}")
-        task_train, task_test = _task_examples(section, task)
+        task_train, task_test = _task_examples(section, task, progress)
         train[task] = _sample(task_train, section.max_train_examples_per_task, f"ubsmoe-train:{section.seed}:{task}")
         test[task] = _sample(task_test, eval_examples_per_task, f"ubsmoe-eval:{section.seed}:{task}")
         if not train[task] or not test[task]:

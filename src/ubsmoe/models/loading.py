@@ -75,21 +75,38 @@ def _moe_dims(model: nn.Module) -> tuple[int, int]:
     return int(getattr(block, "native_top_k", block.top_k)), int(block.num_experts)
 
 
-def _calibration(tokenizer: Any, tokens: int, seed: int) -> list[torch.Tensor]:
+def _calibration(tokenizer: Any, tokens: int, seed: int, progress: Progress | None = None) -> list[torch.Tensor]:
     from ubsmoe.data.calibration import CALIBRATION_TASKS, task_texts, token_blocks
 
-    blocks = token_blocks(tokenizer, task_texts(CALIBRATION_TASKS), CALIBRATION_BLOCK, tokens, seed)
+    texts = task_texts(CALIBRATION_TASKS, progress=progress)
+    blocks = token_blocks(tokenizer, texts, CALIBRATION_BLOCK, tokens, seed)
     if not blocks:
         raise ModelLoadError("the calibration text gave no full block of tokens")
     return [torch.tensor(blocks)]
 
 
-def _moefy(base: nn.Module, tokenizer: Any, config: ExperimentConfig, identity: str, steps: Steps | None):
+def _moefy(
+    base: nn.Module,
+    tokenizer: Any,
+    config: ExperimentConfig,
+    identity: str,
+    steps: Steps | None,
+    progress: Progress | None = None,
+    begin: Callable[[str], None] | None = None,
+):
     from ubsmoe.models.moefication import moefy_cached
     from ubsmoe.paths import cache_dir
 
     moefication = config.moefication_config()
-    calibration = _calibration(tokenizer, moefication.calibration_tokens, moefication.seed)
+    if begin:
+        begin("calibration")
+    if progress:
+        progress("reading the MoEfication calibration text (BIG-bench)")
+    calibration = _calibration(tokenizer, moefication.calibration_tokens, moefication.seed, progress)
+    if begin:
+        begin("moefication")
+    if progress:
+        progress("MoEfication: the cached MoEfied model, or calibrating and caching it (once per machine)")
     report = None
     if steps is not None:
 
@@ -264,11 +281,17 @@ def _local_config(directory: Path) -> dict[str, Any]:
 
 
 def load_experiment_model(
-    config: ExperimentConfig, progress: Progress | None = None, steps: Steps | None = None
+    config: ExperimentConfig,
+    progress: Progress | None = None,
+    steps: Steps | None = None,
+    begin: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """The adapted (UB-SMoE) model and tokenizer that `config.model` names; errors are `ModelLoadError`s.
 
-    `progress(text)` receives stage messages, `steps(what, done, total)` the progress of MoEfication.
+    `progress(text)` receives stage messages, `steps(what, done, total)` the progress of MoEfication,
+    `begin(name)` the start of the stages a run times apart from loading the base model: `calibration`
+    (reading the calibration text, which downloads BIG-bench on a fresh machine) and `moefication`
+    (MoEfying the model, or reading it from the cache: `info["moefication_cache"]["hit"]` says which).
     """
     torch.manual_seed(config.seed)
     dtype = _dtype(config.model.dtype)
@@ -280,7 +303,8 @@ def load_experiment_model(
         check_adapter_memory(config, EXPECTED_CONFIG, "dense", device)
         base, tokenizer = load_embedded_default(dtype=dtype, progress=progress)
         torch.manual_seed(config.seed)
-        model = _moefy(base, tokenizer, config, f"{embedded_default_path()}:{config.model.dtype}", steps)
+        identity = f"{embedded_default_path()}:{config.model.dtype}"
+        model = _moefy(base, tokenizer, config, identity, steps, progress, begin)
         kind = "moefied"
     else:
         transformers = require_transformers()
@@ -319,7 +343,7 @@ def load_experiment_model(
             except Exception as error:
                 raise ModelLoadError(f"could not load the model from {directory}: {first_line(error)}") from error
             torch.manual_seed(config.seed)
-            model = _moefy(base, tokenizer, config, model_fingerprint(base), steps)
+            model = _moefy(base, tokenizer, config, model_fingerprint(base), steps, progress, begin)
             kind = "moefied"
     model.to(device)
     model.eval()
