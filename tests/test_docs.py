@@ -30,3 +30,12 @@ def test_every_config_key_is_documented():
     missing = [key for key in config_keys() if key not in documented and key.split(".")[0] not in wildcard]
     assert not missing, f"keys missing from docs/running.md: {missing}"
     assert "federation.rounds" in config_keys() and "moe.tiers" in config_keys()
+
+
+def test_every_file_a_run_writes_is_in_the_outputs_table():
+    from ubsmoe.fl.outdir import RUN_OUTPUTS
+
+    text = (DOCS / "running.md").read_text(encoding="utf-8")
+    outputs = text[text.index("## Outputs") : text.index("### Output folders and resume")]
+    missing = [name for name in RUN_OUTPUTS if f"`{name}" not in outputs]
+    assert not missing, f"files a run writes missing from the outputs table of docs/running.md: {missing}"

@@ -179,3 +179,18 @@ def test_model_loading_times_calibration_and_moefication_apart(monkeypatch):
     )
     assert model == "model"
     assert events == ["calibration", "text", "read calibration", "moefication", "text", "moefy"]
+
+
+def test_the_terminal_reporter_draws_steps_after_a_round_started():
+    """`_RichReporter.steps` is the event, not a bar id (it was shadowed, so MoEfication drew no bar)."""
+    from rich.progress import Progress
+
+    from ubsmoe.cli import _RichReporter
+
+    with Progress(disable=True) as progress:
+        reporter = _RichReporter(progress)
+        reporter.round_started(0, 1, [0], 2)
+        reporter.step(0, 0, 1)
+        reporter.steps("MoEfication (clustering)", 2, 3)
+    bar = next(task for task in progress.tasks if task.description == "MoEfication (clustering)")
+    assert (bar.completed, bar.total) == (2, 3)

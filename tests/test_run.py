@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from ubsmoe.fl import simulation  # noqa: E402
 from ubsmoe.fl.experiment import Reporter, run_experiment  # noqa: E402
 from ubsmoe.fl.simulation import TIMING_KEYS  # noqa: E402
 from ubsmoe.models.tiny import save_tiny_model  # noqa: E402
+from ubsmoe.report import progress  # noqa: E402
 
 QUICK = [
     "federation.rounds=2",
@@ -152,6 +154,25 @@ def test_outputs_follow_the_contract(reference):
     assert (out / "checkpoint").is_dir() and (out / "config.yaml").is_file()
     if saved["tensorboard"] is not None:
         assert any(Path(saved["tensorboard"]).iterdir())
+    # every stage's wall time (a stage lasts until the next begins), adding up to the whole run
+    stages = saved["timing"]["stages"]
+    per_round = [(s["stage"], s.get("round")) for s in stages if "round" in s]
+    assert [s["stage"] for s in stages if "round" not in s] == [
+        "prepare",
+        "model",
+        "data",
+        "flops",
+        "evaluation_setup",
+        "initial_evaluation",
+        "outputs",
+    ]  # a native MoE: no calibration or moefication stage
+    assert per_round == [(name, r) for r in (1, 2) for name in ("training", "evaluation", "checkpoint")]
+    assert all(s["seconds"] >= 0 for s in stages) and stages[-1]["stage"] == "outputs"
+    assert sum(s["seconds"] for s in stages) == pytest.approx(saved["timing"]["total_s"], abs=0.05)
+    assert any(p["text"] == "data: boolq" for s in stages if s["stage"] == "data" for p in s["parts"])
+    log = (out / "run.log").read_text().splitlines()
+    assert "starting the run in" in log[0] and "finished in" in log[-1]
+    assert any("round 2/2 finished in" in line and "mean accuracy" in line for line in log)
 
 
 def test_same_seed_gives_the_same_metrics(setup, reference):
@@ -200,6 +221,28 @@ def test_a_nan_update_is_dropped_and_the_run_carries_on(setup, monkeypatch):
 
 def _cli(*args: str):
     return CliRunner().invoke(app, ["run", *args])
+
+
+def test_without_a_terminal_the_run_prints_plain_progress_lines(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0)  # the state line on every event, not every 30 s
+    quick = ["federation.rounds=1", "evaluation.initial=false", "evaluation.measure_flops=false", "output.plots=false"]
+    sets = [x for item in [*QUICK, *quick] for x in ("--set", item)]
+    result = _cli("--config", str(setup["config"]), *sets, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+\d", line)]
+    text = "\n".join(lines)
+    for expected in (
+        r"\+0:00:\d\d loading the model$",
+        r" loading the data$",
+        r" round 1/1: 4 clients x 2 local steps$",
+        r" round 1/1 training · client 0 \(1/4\) · step 1/2 · \d+s into the round, about \d+s left$",
+        r" round 1/1 training · client 3 \(4/4\) · step 2/2 · \d+s into the round$",
+        r" evaluating 2 tiers after round 1: \d+/\d+ · \d+s",
+        r" round 1/1 finished in \d+s: train loss \d\.\d{3}, utilization CV .*, mean accuracy .*%",
+    ):
+        assert re.search(expected, text, re.MULTILINE), f"{expected!r} not in:\n{text}"
+    assert ": local steps" not in result.output and "\r" not in result.output  # no progress bars
+    assert "starting the run in" in (tmp_path / "out" / "run.log").read_text()
 
 
 def test_a_malformed_data_line_gives_one_clear_message(setup, tmp_path):

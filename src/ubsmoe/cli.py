@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +39,7 @@ class _RichReporter:
 
     def __init__(self, progress: Progress):
         self.progress = progress
-        self.rounds = self.clients = self.steps = self.evaluation = None
+        self.rounds = self.clients = self.step_bar = self.evaluation = None  # not `steps`: that is an event
         self.client = None
         self.local_steps = 1
         self.bars: dict[str, TaskID] = {}
@@ -53,11 +56,11 @@ class _RichReporter:
         if self.rounds is None:
             self.rounds = self.progress.add_task("rounds", total=total_rounds, completed=round)
         self.local_steps = local_steps
-        for task in (self.clients, self.steps):
+        for task in (self.clients, self.step_bar):
             if task is not None:
                 self.progress.remove_task(task)
         self.clients = self.progress.add_task(f"  round {round + 1}: clients", total=len(participants))
-        self.steps = self.progress.add_task("    local steps", total=local_steps)
+        self.step_bar = self.progress.add_task("    local steps", total=local_steps)
         self.client = None
 
     def step(self, round: int, client: int, step: int) -> None:
@@ -65,8 +68,8 @@ class _RichReporter:
             if self.client is not None:
                 self.progress.advance(self.clients)
             self.client = client
-            self.progress.reset(self.steps, total=self.local_steps, description=f"    client {client}: local steps")
-        self.progress.update(self.steps, completed=step)
+            self.progress.reset(self.step_bar, total=self.local_steps, description=f"    client {client}: local steps")
+        self.progress.update(self.step_bar, completed=step)
 
     def round_finished(self, record) -> None:
         self.progress.update(self.clients, completed=len(record["clients"]))
@@ -95,6 +98,32 @@ class _RichReporter:
         if self.evaluation is not None:
             self.progress.remove_task(self.evaluation)
             self.evaluation = None
+
+
+def _terminal() -> bool:
+    """Whether stdout is a terminal: rich progress bars there, plain progress lines otherwise."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+@contextlib.contextmanager
+def _reporter(label: str | None = None) -> Iterator[object]:
+    """Rich progress bars on a terminal; elsewhere (nohup, a scheduler, CI) plain lines, one at least every 30 s."""
+    if not _terminal():
+        from ubsmoe.report.progress import PlainReporter
+
+        with PlainReporter(sys.stdout, label=label) as reporter:
+            yield reporter
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield _RichReporter(progress)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -175,11 +204,22 @@ def compare(
     except ConfigError as error:
         raise _fail(str(error)) from None
 
+    plain = None
+    if not _terminal():
+        from ubsmoe.report.progress import PlainReporter
+
+        plain = PlainReporter(sys.stdout, heartbeat=False)  # each run has its own, with the heartbeat
+
     def announce(label: str, seed: int, status: str) -> None:
-        console.rule(f"{label} · seed {seed} · {status}")
+        if plain is not None:
+            plain.line(f"compare: {label} · seed {seed} · {status}")
+        else:
+            console.rule(f"{label} · seed {seed} · {status}")
 
     def one_run(experiment, folder: Path, resume: bool) -> dict:
-        return _run_experiment(experiment, folder, resume, show_table=False)
+        return _run_experiment(
+            experiment, folder, resume, show_table=False, label=f"{folder.parent.name} {folder.name}"
+        )
 
     try:
         comparison = run_comparison(base, labels, seeds, out, run=one_run, on_run=announce, finished_only=finished_only)
@@ -224,7 +264,7 @@ def show_config(
     print(yaml.safe_dump(experiment.to_dict(), sort_keys=False), end="")
 
 
-def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = True) -> dict:
+def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = True, label: str | None = None) -> dict:
     from ubsmoe.config import ConfigError
     from ubsmoe.data.bigbench import BigBenchError
     from ubsmoe.data.commonsense import CommonsenseDataError
@@ -240,16 +280,9 @@ def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = T
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            summary = run_experiment(experiment, folder, resume=resume, reporter=_RichReporter(progress))
+        with _reporter(label) as reporter:
+            summary = run_experiment(experiment, folder, resume=resume, reporter=reporter)
     except (ConfigError, ModelLoadError, DataError, CommonsenseDataError, BigBenchError, CheckpointError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
@@ -258,7 +291,9 @@ def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = T
         raise _fail(f"interrupted; continue with: ubsmoe run --resume {folder}") from None
     if show_table:
         console.print(summary_table(summary))
-        console.print(f"\nwrote [bold]{folder / 'summary.json'}[/], metrics.jsonl, plots/ and checkpoint/ in {folder}")
+        console.print(
+            f"\nwrote [bold]{folder / 'summary.json'}[/], metrics.jsonl, run.log, plots/ and checkpoint/ in {folder}"
+        )
     return summary
 
 

@@ -19,7 +19,11 @@
    (`OUT/tensorboard/`, when the package is installed) and the final adapters (`OUT/adapters/`).
 
 Per-round checkpoints and `OUT/metrics.jsonl` come from the simulation. A `Reporter` receives
-progress events (the CLI draws rich progress bars from them); the engine prints nothing itself.
+progress events (the CLI draws rich progress bars from them, or plain lines without a terminal);
+the engine prints nothing itself, but appends plain progress lines to `OUT/run.log`
+(`ubsmoe.report.progress.PlainReporter`, a line at least every 30 s) and times every stage of the
+run (summary.json `timing.stages`: prepare, model, calibration, moefication, data, flops,
+evaluation_setup, initial_evaluation, then training / evaluation / checkpoint of each round, outputs).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ubsmoe.data.federated import FederatedData, federated_data
 from ubsmoe.data.prompts import collate, pad_token_id
 from ubsmoe.fl.methods import MethodSettings, client_rank, tier_view
 from ubsmoe.fl.outdir import (
+    RUN_LOG,
     RUN_MARKER,
     load_resume_checkpoint,
     lock_output,
@@ -97,6 +102,58 @@ class Reporter:
     def evaluation_advanced(self, amount: int) -> None: ...
 
     def evaluation_finished(self) -> None: ...
+
+
+class _TimedReporter(Reporter):
+    """Passes every event on to `reporter` and times the run's stages with `timer` (`timing.stages`).
+
+    `begin(name, text)` starts a stage (and tells the reporter `text`); a `stage(text)` message from the
+    model or data loaders is a part of the open stage; a round's start begins its `training` stage.
+    """
+
+    def __init__(self, reporter: Any, timer: Any):
+        self.reporter, self.timer = reporter, timer
+
+    def begin(self, name: str, text: str | None = None, **detail: Any) -> None:
+        self.timer.begin(name, **detail)
+        if text:
+            self.reporter.stage(text)
+
+    def stage(self, text: str) -> None:
+        self.timer.note(text)
+        self.reporter.stage(text)
+
+    def steps(self, what: str, done: int, total: int) -> None:
+        self.reporter.steps(what, done, total)
+
+    def round_started(self, round: int, total_rounds: int, participants: list[int], local_steps: int) -> None:
+        self.timer.begin("training", round=round + 1)
+        self.reporter.round_started(round, total_rounds, participants, local_steps)
+
+    def step(self, round: int, client: int, step: int) -> None:
+        self.reporter.step(round, client, step)
+
+    def round_finished(self, record: Mapping[str, Any]) -> None:
+        self.reporter.round_finished(record)
+
+    def evaluation_started(self, label: str, total: int) -> None:
+        self.reporter.evaluation_started(label, total)
+
+    def evaluation_advanced(self, amount: int) -> None:
+        self.reporter.evaluation_advanced(amount)
+
+    def evaluation_finished(self) -> None:
+        self.reporter.evaluation_finished()
+
+
+@contextlib.contextmanager
+def _run_log(out: Path, first_line: str) -> Iterator[Any]:
+    """A `PlainReporter` appending to `OUT/run.log` (with its heartbeat thread) for the `with` block."""
+    from ubsmoe.report.progress import PlainReporter
+
+    with open(out / RUN_LOG, "a", encoding="utf-8") as stream, PlainReporter(stream) as log:
+        log.line(first_line)
+        yield log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +280,7 @@ class TierEvaluator:
         if config.evaluation.heldout_tokens:
             from ubsmoe.data.calibration import HELDOUT_TASKS, task_texts, token_blocks
 
-            texts = task_texts(HELDOUT_TASKS)
+            texts = task_texts(HELDOUT_TASKS, progress=reporter.stage)
             self.heldout = token_blocks(loaded.tokenizer, texts, 256, config.evaluation.heldout_tokens, config.seed)
         per_example = (lambda e: len(e.choices)) if config.evaluation.protocol == "loglik" else (lambda e: 1)
         self.units = sum(per_example(e) for examples in data.test.values() for e in examples)
@@ -399,16 +456,43 @@ def run_experiment(
 def _run_locked(
     config: ExperimentConfig | None, out: Path, resume: bool, reporter: Reporter, started: float
 ) -> dict[str, Any]:
-    from ubsmoe.report.summary import build_summary, write_outputs
+    from ubsmoe.report.progress import ReporterGroup, StageTimer, format_duration
 
+    timer = StageTimer("prepare", start=started)
     config = prepare_output(out, config, resume)
+    what = "resuming" if resume else "starting"
+    with _run_log(
+        out, f"{what} the run in {out} (method {config.method}, seed {config.seed}, pid {os.getpid()})"
+    ) as log:
+        try:
+            summary = _run_stages(config, out, resume, _TimedReporter(ReporterGroup(log, reporter), timer), started)
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt):
+                reason = f"interrupted; continue with: ubsmoe run --resume {out}"
+            else:
+                first = str(error).strip().splitlines()
+                reason = f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
+            log.line(f"stopped: {reason}")
+            raise
+        log.line(f"finished in {format_duration(summary['timing']['total_s'])}")
+    return summary
+
+
+def _run_stages(
+    config: ExperimentConfig, out: Path, resume: bool, reporter: _TimedReporter, started: float
+) -> dict[str, Any]:
+    from ubsmoe.report.summary import build_summary, write_outputs, write_summary
+
     settings = _prepare_resume(out, config) if resume else config
 
-    reporter.stage("loading the model")
-    loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps)
+    reporter.begin("model", "loading the model")
+    loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps, begin=reporter.begin)
+    cache = loaded.info.get("moefication_cache")
+    if cache:
+        reporter.timer.annotate("moefication", cache="hit" if cache.get("hit") else "miss")
     model, tokenizer = loaded.model, loaded.tokenizer
     top_ks = config.client_top_ks(loaded.k_max)
-    reporter.stage("loading the data")
+    reporter.begin("data", "loading the data")
     data = federated_data(
         config.data, config.num_clients, tokenizer, config.evaluation.examples_per_task, progress=reporter.stage
     )
@@ -416,8 +500,9 @@ def _run_locked(
     tiers = experiment_tiers(config, top_ks)
     load_s = time.perf_counter() - started
 
-    reporter.stage("measuring training FLOPs per tier")
+    reporter.begin("flops", "measuring training FLOPs per tier")
     flops = tier_flops(model, config, tiers, data)
+    reporter.begin("evaluation_setup", "preparing the evaluation")
     evaluator = TierEvaluator(loaded, config, data, tiers, reporter)
     initial_path = out / INITIAL_EVAL_FILE
     initial = None
@@ -425,12 +510,18 @@ def _run_locked(
         if resume and initial_path.is_file():
             initial = json.loads(initial_path.read_text(encoding="utf-8"))
         else:
+            reporter.begin("initial_evaluation")
             torch.manual_seed(config.seed)
             initial = evaluator(model, None, initial_global_state(model, config))
             write_text_atomic(initial_path, json.dumps(initial, indent=2) + "\n")
 
     def evaluate(model: nn.Module, round: int, state: GlobalState) -> dict[str, Any]:
-        return evaluator(model, round, state) if evaluation_due(config, round) else {}
+        result = {}
+        if evaluation_due(config, round):
+            reporter.begin("evaluation", round=round + 1)
+            result = evaluator(model, round, state)
+        reporter.begin("checkpoint", round=round + 1)  # the round's record, checkpoint and metrics lines
+        return result
 
     try:
         records = run_simulation(
@@ -458,7 +549,7 @@ def _run_locked(
             f"{error}: the data, the model or {CONFIG_FILE} changed since the run started; undo the change, or "
             "start a new run in another folder"
         ) from None
-    reporter.stage("writing the summary and plots")
+    reporter.begin("outputs", "writing the summary and plots")
     summary = build_summary(
         config=config,
         loaded=loaded,
@@ -471,4 +562,7 @@ def _run_locked(
         timing={"load_s": load_s, "total_s": time.perf_counter() - started},
     )
     write_outputs(summary, model, out, config)
+    reporter.timer.finish()  # summary.json again, now with the time its outputs took
+    summary["timing"].update(total_s=time.perf_counter() - started, stages=reporter.timer.stages())
+    write_summary(summary, out)
     return summary

@@ -9,7 +9,7 @@
   same folder fails at once, naming the folder and the pid of the run that holds it (written into
   the lock file). The file itself stays (removing it could let two runs lock two different files).
 - `new_run_clashes(path)`: what a new run would overwrite there: every name a run writes
-  (`RUN_OUTPUTS`: config.yaml, metrics.jsonl, summary.json, adapters/, checkpoint/, ...) that exists.
+  (`RUN_OUTPUTS`: config.yaml, metrics.jsonl, summary.json, run.log, adapters/, checkpoint/, ...) that exists.
   A new run starts only in a folder where this is empty (absent, empty, or holding only other files).
 - `write_run_marker(path, config)`: `DIR/.ubsmoe-run.json`, written by a new run before anything
   else: the configuration the run started with. `--resume` compares `DIR/config.yaml` with it
@@ -42,6 +42,7 @@ from ubsmoe.config import ConfigError
 
 __all__ = [
     "LOCK_FILE",
+    "RUN_LOG",
     "RUN_MARKER",
     "RUN_OUTPUTS",
     "OutputFolderError",
@@ -57,12 +58,15 @@ __all__ = [
 
 LOCK_FILE = ".ubsmoe.lock"
 RUN_MARKER = ".ubsmoe-run.json"
+RUN_LOG = "run.log"
+"""Plain progress lines of the run (appended to by a resumed run)."""
 MARKER_FORMAT = "ubsmoe-run-v1"
 RUN_OUTPUTS = (
     "config.yaml",
     "initial_eval.json",
     "metrics.jsonl",
     "summary.json",
+    RUN_LOG,
     "checkpoint",
     "adapters",
     "plots",
