@@ -489,7 +489,9 @@ def _run_stages(
     loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps, begin=reporter.begin)
     cache = loaded.info.get("moefication_cache")
     if cache:
-        reporter.timer.annotate("moefication", cache="hit" if cache.get("hit") else "miss")
+        outcome = "hit" if cache.get("hit") else "miss"
+        reporter.timer.annotate("moefication", cache=outcome)
+        reporter.reporter.stage(f"MoEfication cache {outcome}: {cache.get('path')}")  # a line, not a timed part
     model, tokenizer = loaded.model, loaded.tokenizer
     top_ks = config.client_top_ks(loaded.k_max)
     reporter.begin("data", "loading the data")
