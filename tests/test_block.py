@@ -59,8 +59,11 @@ def test_lora_and_phi_equal_naive_reference(normalize, num_candidates):
     torch.testing.assert_close(block(x), reference_of(block, x))
 
 
-def test_grouped_mm_matches_eager_forward_and_gradients():
-    block = make_block(M=8, H=32, I=16, k=2, dtype=torch.float32, randomize_lora=True, lora_rank=4)
+@pytest.mark.parametrize("projection", ["rows", "tokens"])
+def test_grouped_mm_matches_eager_forward_and_gradients(projection):
+    block = make_block(
+        M=8, H=32, I=16, k=2, dtype=torch.float32, randomize_lora=True, lora_rank=4, lora_projection=projection
+    )
     assert block.implementation_for(torch.float32) == "grouped_mm"
     x = torch.randn(3, 7, 32)
     results = {}
@@ -79,6 +82,46 @@ def test_grouped_mm_matches_eager_forward_and_gradients():
     for g, e in zip(grads_g, grads_e, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(phi_g, phi_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [("gate", "up", "down"), ("up", "down"), ("gate",), ("down",)])
+@pytest.mark.parametrize("unit_gates", [False, True])
+def test_lora_per_token_equals_lora_per_row_and_the_reference(targets, unit_gates):
+    """lora_projection "tokens" (A of gate/up and B of down over all experts per token) computes the same
+    function and gradients as "rows" (every projection per routed row)."""
+    torch.manual_seed(0)
+    block = make_block(
+        M=8,
+        H=32,
+        I=16,
+        k=8,
+        randomize_lora=True,
+        lora_rank=4,
+        lora_targets=targets,
+        unit_gates=unit_gates,
+        implementation="eager",
+    )
+    with torch.no_grad():
+        block.phi.copy_(torch.linspace(-0.5, 0.5, 8))
+    x = torch.randn(11, 32, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(11, 32, dtype=torch.float64)
+    for top_k in (1, 3, 7):
+        block.top_k = top_k
+        results = {}
+        for projection in ("rows", "tokens"):
+            object.__setattr__(block.config, "lora_projection", projection)
+            block.zero_grad()
+            x.grad = None
+            out = block(x)
+            (out * weights).sum().backward()
+            grads = [p.grad.clone() for p in block.lora.adapter_parameters()] + [block.phi.grad.clone()]
+            results[projection] = (out.detach(), grads, x.grad.clone())
+        assert block.lora_on_tokens
+        torch.testing.assert_close(results["tokens"][0], reference_of(block, x.detach()))
+        torch.testing.assert_close(results["rows"][0], results["tokens"][0])
+        for got, want in zip(results["tokens"][1], results["rows"][1], strict=True):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(results["tokens"][2], results["rows"][2])
 
 
 def test_grouped_mm_matches_naive_reference_with_unaligned_fallback():

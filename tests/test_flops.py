@@ -212,7 +212,8 @@ def test_olmoe_table_closed_form():
     assert [row["top_k"] for row in table["rows"]] == [2, 4, 6, 8]
     for row in table["rows"]:
         k = row["top_k"]
-        moe = 2 * h * m + k * 6 * h * i + k * 3 * 2 * r * (h + i)
+        # per routed row: experts, gate/up LoRA A (H -> 2r), their B as one block-diagonal (2r -> 2I), down A and B
+        moe = 2 * h * m + k * 6 * h * i + k * (2 * h * 2 * r + 2 * 2 * r * 2 * i + 2 * r * i + 2 * r * h)
         per_layer = 8 * h * h + 4 * h * s + moe
         assert row["inference_total"] == layers * per_layer + 2 * h * v
         assert row["inference_moe"] == layers * moe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -183,12 +184,24 @@ def test_only_the_shared_group_and_selected_experts_are_computed():
         return counter.get_total_flops()
 
     router, shared = 2 * T * H * M, 6 * T * S * H
-    per_expert = T * (6 * n * H + 6 * H * r + 6 * n * r)  # frozen gate/up/down + LoRA A and B of each target
+    # routed path, per (token, expert) row: frozen gate/up/down, the gate/up LoRA B as one block-diagonal
+    # (2n, 2r) matmul, the down LoRA A; per token for all M experts (MoEfied default "tokens"): the
+    # gate/up LoRA A and the down LoRA B
+    assert block.lora_on_tokens
+    per_row = T * (6 * n * H + 2 * (2 * r) * (2 * n) + 2 * r * n)
+    per_token = T * M * (2 * H * (2 * r) + 2 * r * H)
     for k in range(1, M + 1):
-        assert flops(k, dense=False) == router + shared + k * per_expert
-    # the dense path at K = M: no router, the same expert and LoRA arithmetic
+        assert flops(k, dense=False) == router + shared + k * per_row + per_token
+    # the dense path at K = M: no router, every expert's LoRA A and B of each target
+    per_expert = T * (6 * n * H + 6 * H * r + 6 * n * r)
     assert flops(M) == shared + M * per_expert
     assert flops(M) < flops(M, dense=False)
+    # per routed row instead: every LoRA projection per row
+    block.config = dataclasses.replace(block.config, lora_projection="rows")
+    assert not block.lora_on_tokens
+    per_row = T * (6 * n * H + 2 * H * (2 * r) + 2 * (2 * r) * (2 * n) + 2 * r * n + 2 * r * H)
+    for k in range(1, M + 1):
+        assert flops(k, dense=False) == router + shared + k * per_row
 
 
 # ---- 2. grouping ---------------------------------------------------------------------------------

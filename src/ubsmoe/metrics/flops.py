@@ -50,6 +50,9 @@ compare against exactly):
 - MoEfied blocks (`ModelDims.dense_at_full_k`) run a plain dense FFN at K = M: no router matmul in
   the forward (training with PG still routes once without gradient, for PG's bookkeeping) and no
   gradient through the gates; the count follows that.
+- Below K = M (the routed path) the gate and up LoRA B run as one block-diagonal (2I, t*r) matmul
+  per row, zero blocks included; with `ModelDims.token_lora` (MoEfied blocks' default) the LoRA A
+  of gate/up and the LoRA B of down run once per token for all M experts (`ubsmoe.moe.experts`).
 
 `olmoe_1b_7b_table()` applies this to the paper's OLMoE-1B-7B at K = 2, 4, 6, 8
 (`python -m ubsmoe.metrics.flops` prints it as JSON).
@@ -97,6 +100,8 @@ class ModelDims:
         dense_at_full_k: at K = M the MoE layers run as one dense FFN without routing (MoEfied
             blocks do): no router matmul in the forward (except the pseudo-gradient's bookkeeping
             pass in training) and no gradient through the gates.
+        token_lora: below K = M the hidden-side expert LoRA (A of gate/up, B of down) runs per token
+            over all M experts instead of per routed row (`UBSMoEConfig.lora_projection`; MoEfied blocks).
         seq_len: default sequence length S for the attention-score term.
         name: a label.
     """
@@ -115,6 +120,7 @@ class ModelDims:
     dense_intermediate: int = 0
     moe_layer_indices: tuple[int, ...] | None = None
     dense_at_full_k: bool = False
+    token_lora: bool = False
     seq_len: int = 512
     name: str = field(default="", compare=False)
 
@@ -276,6 +282,7 @@ class ModelDims:
             dense_intermediate=dense,
             moe_layer_indices=indices,
             dense_at_full_k=all(bool(getattr(block, "dense_at_full_k", False)) for _, block in named),
+            token_lora=all(bool(block.lora_on_tokens) for _, block in named),
             seq_len=seq_len,
             name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "")),
         )
@@ -437,27 +444,40 @@ def _moe_layer(
     else:
         tally.add("router", router, router if t and x_grad else 0, router if t and router_trainable else 0)
         gates_grad = x_grad or dmr or router_trainable
+    dense = dims.dense_at_full_k and k == m
     # [forward, input gradient, weight gradient] per routed (token, expert) row; times k below
     experts = [4 * h * i, 4 * h * i if t and x_grad else 0, 0]  # fused gate/up: H -> 2I
     lora = [0, 0, 0]
-    for target in ("gate", "up"):
-        if target in targets:
-            # A: H -> r (its input needs a gradient only above the first MoE layer); B: r -> I
-            lora[0] += 2 * r * h + 2 * r * i
-            if t:
-                lora[1] += (2 * r * h if x_grad else 0) + 2 * r * i
-                lora[2] += 2 * r * h + 2 * r * i
-    inner_grad = x_grad or gates_grad or any(x in targets for x in ("gate", "up"))
+    per_token = [0, 0, 0]  # hidden-side LoRA run once per token over all M experts (token_lora)
+    inputs = [target for target in ("gate", "up") if target in targets]
+    if inputs:
+        width = len(inputs) * r
+        # A: H -> t*r for the input targets at once (its input needs a gradient only above the first MoE layer)
+        a = [2 * h * width, 2 * h * width if t and x_grad else 0, 2 * h * width if t else 0]
+        if dims.token_lora and not dense:
+            per_token = [v * m for v in a]
+        else:
+            lora = a
+        # B: t*r -> I per target on the dense path (a bmm per expert and target); on the routed path one
+        # block-diagonal (2I, t*r) weight over the fused gate/up rows (its zero blocks are multiplied too)
+        b = 2 * width * i if dense else 2 * width * 2 * i
+        lora = [lora[0] + b, lora[1] + (b if t else 0), lora[2] + (b if t else 0)]
+    inner_grad = x_grad or gates_grad or bool(inputs)
     experts[0] += 2 * i * h  # down: I -> H
     experts[1] += 2 * i * h if t and inner_grad else 0
     if "down" in targets:
-        # A: I -> r, B: r -> H
-        lora[0] += 2 * r * i + 2 * r * h
+        # A: I -> r per row; B: r -> H per row, or per token over all M experts (token_lora)
+        lora[0] += 2 * r * i
         if t:
-            lora[1] += (2 * r * i if inner_grad else 0) + 2 * r * h
-            lora[2] += 2 * r * i + 2 * r * h
+            lora[1] += 2 * r * i if inner_grad else 0
+            lora[2] += 2 * r * i
+        b = [2 * r * h, 2 * r * h if t else 0, 2 * r * h if t else 0]
+        if dims.token_lora and not dense:
+            per_token = [u + v * m for u, v in zip(per_token, b, strict=True)]
+        else:
+            lora = [u + v for u, v in zip(lora, b, strict=True)]
     tally.add("routed_experts", *(k * v for v in experts))
-    tally.add("expert_lora", *(k * v for v in lora))
+    tally.add("expert_lora", *(k * u + v for u, v in zip(lora, per_token, strict=True)))
 
 
 def count_flops(step: Callable[[], Any]) -> int:

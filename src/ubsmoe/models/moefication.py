@@ -64,6 +64,7 @@ from torch import nn
 from ubsmoe.models.native import NATIVE_FAMILIES, ModelLoadError, UnsupportedModelError, require_transformers
 from ubsmoe.moe import SwiGLU, UBSMoEBlock, UBSMoEConfig, budget_to_top_k, experts_from_dense, route
 from ubsmoe.moe.config import dataclass_from_dict
+from ubsmoe.moe.experts import gated_product
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -209,6 +210,9 @@ class MoEfiedBlock(UBSMoEBlock):
             expert (metadata, saved with the model).
     """
 
+    token_lora_by_default = True
+    """Eight experts: per-token LoRA projections cost little extra and save many small matmuls (docs/decisions.md)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dense_at_full_k = True
@@ -230,22 +234,21 @@ class MoEfiedBlock(UBSMoEBlock):
         # training and evaluation and matches ubsmoe.metrics.flops
         factored = bool(lora.targets)
         gate_up = F.linear(x.to(gate_up_weight.dtype), gate_up_weight).view(tokens, num_experts, 2, inner_size)
-        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        input_targets = tuple(t for t in ("gate", "up") if t in lora.targets) if factored else ()
+        input_targets = lora.input_targets if factored else ()
         if input_targets:
-            stacked_a = torch.cat([lora.lora_A[t] for t in input_targets], dim=1)  # (M, n_t * r, H)
+            stacked_a = lora.input_a()  # (M, n_t * r, H)
             projected = F.linear(x.to(stacked_a.dtype), stacked_a.reshape(-1, hidden))
             projected = (lora.scaling * projected).view(tokens, num_experts * len(input_targets), lora.rank)
             stacked_b = torch.stack([lora.lora_B[t] for t in input_targets], dim=1)  # (M, n_t, n, r)
             stacked_b = stacked_b.reshape(-1, inner_size, lora.rank).transpose(1, 2)
             deltas = torch.bmm(projected.transpose(0, 1), stacked_b).view(num_experts, len(input_targets), tokens, -1)
-            for index, target in enumerate(input_targets):
-                delta = deltas[:, index].transpose(0, 1)  # (T, M, n)
-                if target == "gate":
-                    gate = gate + delta
-                else:
-                    up = up + delta
-        inner = self.activation(gate) * up  # (T, M, n)
+            deltas = deltas.permute(2, 0, 1, 3)  # (T, M, n_t, n)
+            if len(input_targets) == 2:
+                gate_up = gate_up + deltas
+            else:
+                # F.linear keeps no output for backward, so the one target's rows can be updated in place
+                gate_up[:, :, ("gate", "up").index(input_targets[0])] += deltas[:, :, 0]
+        inner = gated_product(gate_up, self.activation)  # (T, M, n)
         out = F.linear(inner.reshape(tokens, -1).to(down_weight.dtype), down_weight)
         if factored and "down" in lora.targets:
             lora_a, lora_b = lora.lora_A["down"], lora.lora_B["down"]  # (M, r, n), (M, H, r)

@@ -122,6 +122,17 @@ class UBSMoEBlock(nn.Module):
             raise ValueError(f"top_k must be an integer in [1, {self.num_experts}], got {value!r}")
         self._top_k = value
 
+    @property
+    def lora_on_tokens(self) -> bool:
+        """Whether the LoRA projections on the hidden side run per token over all experts (see `ubsmoe.moe.experts`)."""
+        choice = self.config.lora_projection
+        if choice == "auto":
+            return self.token_lora_by_default
+        return choice == "tokens"
+
+    token_lora_by_default = False
+    """`lora_projection = "auto"`: per routed row for native MoE blocks (many experts, GPU grouped_mm)."""
+
     def implementation_for(self, dtype: torch.dtype) -> str:
         """The expert-matmul implementation a forward in `dtype` uses."""
         choice = self.config.implementation
@@ -147,17 +158,25 @@ class UBSMoEBlock(nn.Module):
         order = flat_expert.argsort(stable=True)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         token_of_row = order // top_k
-        rows = swiglu_experts(
+        lora = self.lora if self.lora.targets else None
+        on_tokens = lora is not None and self.lora_on_tokens
+        expert_of_row = flat_expert[order] if on_tokens else None
+        rows, down_projection = swiglu_experts(
             x.index_select(0, token_of_row),  # backward is an index_add, unlike x[token_of_row]
             counts,
             self.gate_up_proj,
             self.down_proj,
-            self.lora if self.lora.targets else None,
+            lora,
             self.implementation_for(x.dtype),
             self.activation,
             row_scale=routing.gates.reshape(-1)[order],
+            lora_inputs=lora.token_inputs(x, token_of_row, expert_of_row) if on_tokens and lora.input_targets else None,
+            down_lora=not on_tokens,
         )
-        out = self.rescale(torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype)))
+        routed = torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype))
+        if down_projection is not None:
+            routed = routed + lora.token_down(down_projection, token_of_row, expert_of_row, x.shape[0]).to(x.dtype)
+        out = self.rescale(routed)
         if self.training and self.config.load_balance_coef > 0:
             balance = switch_load_balancing_loss(routing.probs, routing.expert_index, self.num_experts)
             self._balance_loss = self.config.load_balance_coef * balance

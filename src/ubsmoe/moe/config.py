@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 LORA_TARGETS = ("gate", "up", "down")
 RHO_FORMS = ("complement", "inverse")
 IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
+LORA_PROJECTIONS = ("auto", "rows", "tokens")
 T = TypeVar("T")
 
 
@@ -66,6 +67,9 @@ class UBSMoEConfig:
     pg_rho_form: Literal["complement", "inverse"] = "complement"
     # compute
     implementation: Literal["auto", "grouped_mm", "eager"] = "auto"
+    # where the hidden-side LoRA projections (A of gate/up, B of down) run: per routed row or per token
+    # over all experts (ubsmoe.moe.experts); auto = tokens for MoEfied blocks, rows for native ones
+    lora_projection: Literal["auto", "rows", "tokens"] = "auto"
     # baselines (DESIGN 2.5): off for UB-SMoE
     load_balance_coef: float = 0.0  # SMoE-LLB: weight of the Switch load-balancing loss of each block
     output_rescale: bool = False  # A3SMoE: a learnable scale on the routed experts' output (client-local)
@@ -92,6 +96,8 @@ class UBSMoEConfig:
             problems.append(f"pg_rho_form must be one of {RHO_FORMS}, got {self.pg_rho_form!r}")
         if self.load_balance_coef < 0:
             problems.append(f"load_balance_coef must be >= 0, got {self.load_balance_coef!r}")
+        if self.lora_projection not in LORA_PROJECTIONS:
+            problems.append(f"lora_projection must be one of {LORA_PROJECTIONS}, got {self.lora_projection!r}")
         if self.implementation not in IMPLEMENTATIONS:
             problems.append(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         if problems:
