@@ -124,6 +124,17 @@ def test_lora_per_token_equals_lora_per_row_and_the_reference(targets, unit_gate
         torch.testing.assert_close(results["tokens"][2], results["rows"][2])
 
 
+@pytest.mark.parametrize("projection", ["rows", "tokens"])
+def test_an_empty_batch_gives_an_empty_output(projection):
+    block = make_block(M=8, H=32, I=16, k=2, dtype=torch.float32, randomize_lora=True, lora_projection=projection)
+    block.train()
+    x = torch.zeros(0, 32, requires_grad=True)
+    out = block(x)
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert x.grad.shape == (0, 32)
+
+
 def test_grouped_mm_matches_naive_reference_with_unaligned_fallback():
     # H=6 is not 16-byte aligned in float32: auto must fall back to eager and still be right
     block = make_block(M=4, H=6, I=3, k=2, dtype=torch.float32, randomize_lora=True, lora_rank=2)

@@ -250,7 +250,7 @@ def swiglu_experts(
         # grouped_mm and cat keep no output for backward, so the delta can be added in place
         gate_up.add_(linear(lora_inputs, lora.input_b()))
     scale = row_scale.unsqueeze(-1).to(gate_up.dtype) if row_scale is not None else None
-    inner = gated_product(gate_up.view(rows.shape[0], 2, -1), activation, scale)
+    inner = gated_product(gate_up.view(rows.shape[0], 2, gate_up.shape[-1] // 2), activation, scale)
     out = linear(inner, down_proj)
     projection = None
     if lora is not None and "down" in lora.targets:
