@@ -29,7 +29,7 @@ pytest.importorskip("transformers")
 from test_flower import _assert_same_run, _close, _lines  # noqa: E402
 from test_run import QUICK, write_experiment  # noqa: E402
 
-from ubsmoe.config import load_config  # noqa: E402
+from ubsmoe.config import ConfigError, load_config  # noqa: E402
 from ubsmoe.fl.experiment import run_experiment  # noqa: E402
 from ubsmoe.flower import deploy  # noqa: E402
 from ubsmoe.flower.deploy import DeploymentError, IncompleteRunError, main, run_local_deployment, run_problems  # noqa: E402
@@ -192,6 +192,20 @@ def test_the_server_app_checks_min_replies_before_the_first_round(experiment, tm
         with pytest.raises(ValueError, match=rf"min-replies = {min_replies}: must be in {allowed}"):
             run_server(None, options)
         assert not (tmp_path / "run").exists()
+
+
+def test_the_server_app_locks_its_output_folder(experiment, tmp_path, monkeypatch):
+    """A ServerApp run refuses a folder another run holds (and a folder with a run in it), before any model load."""
+    from ubsmoe.fl.outdir import OutputFolderError, lock_output
+    from ubsmoe.flower import server_app
+
+    monkeypatch.setattr(server_app, "load_runtime", lambda config: pytest.fail("loaded the model"))
+    options = ServerOptions(config=str(experiment["config"]), overrides=QUICK, out_dir=str(tmp_path / "run"))
+    with lock_output(tmp_path / "run"), pytest.raises(OutputFolderError, match="in use by another ubsmoe run"):
+        run_server(None, options)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_server(None, options)
 
 
 def test_a_run_without_every_node_is_reported_not_done(tmp_path, monkeypatch, capsys):

@@ -91,6 +91,7 @@ MethodName = Literal[
 ExpertTarget = Literal["gate", "up", "down"]  # = ubsmoe.moe.config.LORA_TARGETS (a test keeps them equal)
 RhoForm = Literal["complement", "inverse"]  # = ubsmoe.moe.config.RHO_FORMS
 Implementation = Literal["auto", "grouped_mm", "eager"]  # = ubsmoe.moe.config.IMPLEMENTATIONS
+LoraProjection = Literal["auto", "rows", "tokens"]  # = ubsmoe.moe.config.LORA_PROJECTIONS
 
 EMBEDDED_MODEL = "embedded"
 DEFAULT_TASKS = (
@@ -247,6 +248,10 @@ class MoESection(_Section):
     normalize_gates: bool | None = Field(None, description="null = the model family's convention")
     router_trainable: bool = False
     implementation: Implementation = "auto"
+    lora_projection: LoraProjection = Field(
+        "auto",
+        description="hidden-side expert LoRA per routed row or per token over all experts; auto = tokens when MoEfied",
+    )
     tiers: list[Tier] = Field(default_factory=_default_tiers)
 
     @field_validator("tiers")
@@ -562,6 +567,7 @@ class ExperimentConfig(_Section):
             pg_kappa=self.pseudo_gradient.kappa,
             pg_rho_form=self.pseudo_gradient.rho_form,
             implementation=self.moe.implementation,
+            lora_projection=self.moe.lora_projection,
             load_balance_coef=self.baselines.load_balance_coef if self.method == "smoe-llb" else 0.0,
             output_rescale=self.method == "a3smoe",
         )

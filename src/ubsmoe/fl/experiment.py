@@ -381,13 +381,13 @@ def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | N
     if config is None:
         raise ConfigError("no configuration given")
     folder = output_folder(out)
-    _refuse_clashes(folder)
+    refuse_clashes(folder)
     write_run_marker(folder, config.to_dict())
     save_config(config, saved)
     return config
 
 
-def _refuse_clashes(out: Path) -> None:
+def refuse_clashes(out: Path) -> None:
     """A ConfigError when `out` holds anything a new run would write (it writes nothing itself)."""
     clashes = new_run_clashes(out)
     if not clashes:
@@ -448,7 +448,7 @@ def run_experiment(
     if resume and not out.is_dir():
         raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
     if not resume:  # before the lock file is made: a refused folder is left exactly as it was
-        _refuse_clashes(out)
+        refuse_clashes(out)
     with lock_output(out, create=not resume):
         return _run_locked(config, out, resume, reporter or Reporter(), started)
 

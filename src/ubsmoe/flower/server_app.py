@@ -29,7 +29,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import ExperimentConfig, load_config
-from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, tier_flops
+from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, refuse_clashes, tier_flops
+from ubsmoe.fl.outdir import lock_output
 from ubsmoe.fl.server import sample_clients
 from ubsmoe.flower.records import state_to_records
 from ubsmoe.flower.runtime import load_runtime
@@ -97,13 +98,22 @@ def check_options(options: ServerOptions, config: ExperimentConfig) -> None:
 
 
 def run_server(grid: Grid, options: ServerOptions) -> dict[str, Any]:
-    """Run the experiment of `options` over `grid`; writes the outputs and returns the summary."""
-    from ubsmoe.report.summary import build_summary, write_outputs
+    """Run the experiment of `options` over `grid`; writes the outputs and returns the summary.
 
+    The output folder is checked and locked as for `ubsmoe run` (`ubsmoe.fl.outdir`).
+    """
     started = time.perf_counter()
     config = load_config(options.config or None, list(options.overrides))
     check_options(options, config)  # before the output folder, the model and the first round
     out = Path(options.out_dir or config.output.dir)
+    refuse_clashes(out)  # before the lock file is made: a refused folder is left exactly as it was
+    with lock_output(out):  # one run per output folder, as `ubsmoe run`
+        return _run_locked(grid, options, config, out, started)
+
+
+def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, out: Path, started: float) -> dict:
+    from ubsmoe.report.summary import build_summary, write_outputs
+
     config = prepare_output(out, config, resume=False)
     runtime = load_runtime(config)
     model = runtime.loaded.model

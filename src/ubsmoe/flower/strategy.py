@@ -49,7 +49,7 @@ from ubsmoe.fl.server import Assignment, aggregate_round, sample_clients
 from ubsmoe.fl.simulation import derive_seed, resolve_run, round_outputs, run_fingerprint, save_round
 from ubsmoe.flower.client_app import IDENTITY, METRICS, RUN, UPDATE, UPDATE_META, start_state_content
 from ubsmoe.flower.records import records_to_update, state_to_records
-from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, config_to_json
+from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, check_budget, config_to_json
 from ubsmoe.paths import write_text_atomic
 
 __all__ = ["FederationError", "UBSMoEStrategy", "parse_identity"]
@@ -78,12 +78,10 @@ def parse_identity(identity: Mapping[str, Any], num_clients: int) -> tuple[int, 
     if not 0 <= client < num_clients:
         raise ValueError(f"client-id = {client} is not one of the experiment's clients 0..{num_clients - 1}")
     try:
-        budget = float(raw_budget)
-    except (TypeError, ValueError):
+        budget = float(raw_budget) if isinstance(raw_budget, str) else raw_budget  # node-config text
+    except ValueError:
         raise ValueError(f"budget (beta) = {raw_budget!r} is not a number") from None
-    if isinstance(raw_budget, bool) or not (math.isfinite(budget) and 0 < budget <= 1):
-        raise ValueError(f"budget (beta) = {raw_budget!r}: must be a number in (0, 1]")
-    return client, budget
+    return client, check_budget(budget)  # the launcher's and the ClientApp's rule
 
 
 @dataclasses.dataclass
