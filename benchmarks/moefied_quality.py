@@ -34,7 +34,7 @@ from ubsmoe.paths import cache_dir
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--experts", type=int, default=8)
 parser.add_argument("--ks", default="2,4,6,8")
-parser.add_argument("--calibration-tokens", type=int, default=32768)
+parser.add_argument("--calibration-tokens", type=int, default=8192)
 parser.add_argument("--heldout-tokens", type=int, default=8192)
 parser.add_argument("--mc-examples", type=int, default=150, help="examples per multiple-choice task")
 parser.add_argument("--recovery", action="store_true", help="MoEfy with the recovery stage")

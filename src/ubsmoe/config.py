@@ -187,7 +187,7 @@ class MoEficationSection(_Section):
     router: Literal["ridge", "centroid"] = "ridge"
     ridge_lambda: float = Field(0.1, ge=0.0)
     router_logit_std: float | None = Field(1.0, gt=0.0)
-    calibration_tokens: int = Field(32768, ge=1)
+    calibration_tokens: int = Field(8192, ge=1)
     kmeans_iterations: int = Field(30, ge=1)
     seed: int = 0
     recovery: bool = False

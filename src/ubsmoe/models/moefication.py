@@ -118,7 +118,7 @@ class MoEficationConfig:
     router: Literal["ridge", "centroid"] = "ridge"
     ridge_lambda: float = 0.1
     router_logit_std: float | None = 1.0
-    calibration_tokens: int = 32768
+    calibration_tokens: int = 8192
     kmeans_iterations: int = 30
     seed: int = 0
     recovery: bool = False
