@@ -70,7 +70,8 @@ def answer_loss(
     count = int(keep.sum())
     parts = split_causal_lm(model)
     if parts is None:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        output = model(input_ids=input_ids, labels=labels, **mask)
         return AnswerLoss(output.loss, count)
     backbone, head = parts
     hidden = _last_hidden_state(backbone(input_ids=input_ids, attention_mask=attention_mask))
