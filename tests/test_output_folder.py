@@ -199,3 +199,20 @@ def test_resume_extends_a_finished_run_and_rebuilds_a_deleted_metrics_file(tmp_p
     lowered = _cli("run", "--resume", str(out))
     assert lowered.exit_code == 2 and "Traceback" not in lowered.output
     assert _says(lowered, "completed 2 rounds") and _says(lowered, "not lower it")
+
+
+def test_bad_input_found_while_loading_leaves_the_folder_usable_for_the_corrected_run(tmp_path, monkeypatch):
+    """A new run stopped by bad input before its first round removes what it wrote; the user's files stay."""
+    from ubsmoe.fl import experiment
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("lora.rank = 1000000000: too large for this machine")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(experiment, "load_experiment_model", refuse)
+    with pytest.raises(ConfigError, match="too large"):
+        run_experiment(load_config(None, ["lora.rank=1000000000"]), out)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["notes.txt"]
+    assert prepare_output(out, load_config(None, []), resume=False).lora.rank == 8  # no longer refused

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
-from ubsmoe.data.federated import FederatedData, federated_data
+from ubsmoe.data.federated import DataError, FederatedData, federated_data
 from ubsmoe.data.prompts import collate, pad_token_id
 from ubsmoe.fl.methods import MethodSettings, client_rank, tier_view
 from ubsmoe.fl.outdir import (
@@ -62,6 +62,7 @@ from ubsmoe.metrics.evaluation import evaluate_tasks, perplexity
 from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
 from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
+from ubsmoe.models.native import ModelLoadError
 from ubsmoe.moe import model_device, moe_blocks, set_top_k
 from ubsmoe.paths import write_text_atomic
 
@@ -450,7 +451,25 @@ def run_experiment(
     if not resume:  # before the lock file is made: a refused folder is left exactly as it was
         refuse_clashes(out)
     with lock_output(out, create=not resume):
-        return _run_locked(config, out, resume, reporter or Reporter(), started)
+        try:
+            return _run_locked(config, out, resume, reporter or Reporter(), started)
+        except (ConfigError, ModelLoadError, DataError):
+            if not resume:
+                _undo_unstarted_run(out)
+            raise
+
+
+def _undo_unstarted_run(out: Path) -> None:
+    """After bad input stopped a new run before its first round: remove what it wrote (config.yaml, its
+    marker, run.log, the evaluation before training), so that the corrected command can use the folder.
+
+    The folder held none of these before (`refuse_clashes`); nothing is removed once a round is saved.
+    """
+    if (out / CHECKPOINT_DIR).exists() or (out / "summary.json").exists():
+        return
+    for name in (CONFIG_FILE, RUN_MARKER, RUN_LOG, INITIAL_EVAL_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 def _run_locked(
