@@ -14,6 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_moefication import tiny_llama  # noqa: E402
+
 from ubsmoe.config import ExperimentConfig  # noqa: E402
 from ubsmoe.models.moefication import MoEficationConfig, moefy  # noqa: E402
 
@@ -26,21 +28,6 @@ def bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def tiny_llama() -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def encoded(rng: random.Random, n: int) -> list[dict[str, list[int]]]:
@@ -56,12 +43,12 @@ def encoded(rng: random.Random, n: int) -> list[dict[str, list[int]]]:
 def test_pieces_on_a_tiny_model(bench):
     config = ExperimentConfig()
     moe = moefy(
-        tiny_llama(),
+        tiny_llama(dtype=torch.float32),
         torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1)),
         MoEficationConfig(num_experts=4, calibration_tokens=256),
         config.ubsmoe_config(),
     )
-    peft_model = bench.make_peft(tiny_llama(), config)
+    peft_model = bench.make_peft(tiny_llama(dtype=torch.float32), config)
     rng = random.Random(0)
     clients = [encoded(rng, 13), encoded(rng, 3)]  # client 1 holds no full batch of 4
     batches, owners = bench.pick_batches(clients, 4, 0, 0, 3)
