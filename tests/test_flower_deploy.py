@@ -95,7 +95,7 @@ def test_flwr_run_on_a_simulation_superlink_matches_the_in_process_run(setup):
 
 def test_a_supernode_killed_mid_run_does_not_stop_it(setup):
     # node 3 dies (SIGKILL) once round 0 is checkpointed; the SuperLink marks it offline after two missed
-    # heartbeats (60 s in flwr 1.41) and answers its message with an error, well inside the round timeout,
+    # heartbeats (60 s in flwr 1.42) and answers its message with an error, well inside the round timeout,
     # and round 1 goes on with the other three
     code, out = _deploy(setup, "fault", kill_node=3, kill_after_round=0, round_timeout=300, min_replies=3)
     assert code == 0, (out / "logs" / "flwr-run.log").read_text()[-3000:]

@@ -17,7 +17,7 @@ this is also the `flwr run` route to a local simulation.
    `options.num-supernodes` = the number of clients and one CPU per virtual client);
 3. starts `flower-superlink --insecure [--simulation] --host 127.0.0.1 --port PORT
    --disable-runtime-dependency-installation` (Fleet, Control and Runtime APIs over HTTP on that one
-   port in flwr 1.41; without the last flag the SuperLink `uv sync`s the app's dependencies into a new
+   port in flwr 1.42; without the last flag the SuperLink `uv sync`s the app's dependencies into a new
    environment for every run, pulling an unpinned torch with CUDA);
 4. starts one `flower-supernode --insecure --superlink 127.0.0.1:PORT --port PORT+1+i
    --node-config "client-id=i beta=B_i"` per client of the experiment, B_i its tier's budget (or
@@ -74,7 +74,7 @@ __all__ = [
 
 CONNECTION = "ubsmoe-local"
 NODE_JOINED = "SuperNode ID:"
-"""What a flwr 1.41 SuperNode logs once the SuperLink has registered it."""
+"""What a flwr 1.42 SuperNode logs once the SuperLink has registered it."""
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
@@ -213,7 +213,7 @@ def _alive(name: tuple[int, int], table: dict[int, _Proc]) -> bool:
 class _Processes:
     """What the launcher starts, each in its own session (so its process group), with every descendant.
 
-    A started process can start others outside its group (flwr 1.41's SuperLink starts
+    A started process can start others outside its group (flwr 1.42's SuperLink starts
     `flower-superexec` in a new session, which starts the ServerApp), so the family is also followed
     through /proc: the sessions of the started processes and every descendant of a member, recorded
     while they run (`refresh`), so one orphaned by the death of its parent is still found.
@@ -560,7 +560,7 @@ def _run(
         with signals.hold():
             return processes.start(name, command)
 
-    # --disable-runtime-dependency-installation: flwr 1.41's SuperLink otherwise `uv sync`s the app's
+    # --disable-runtime-dependency-installation: flwr 1.42's SuperLink otherwise `uv sync`s the app's
     # dependencies into a fresh environment per run (an unpinned torch: GBs of CUDA wheels)
     superlink = start(
         "superlink",

@@ -1,4 +1,4 @@
-"""`UBSMoEStrategy`: the federated core's round, as a Flower `Strategy` (flwr 1.41 Message API).
+"""`UBSMoEStrategy`: the federated core's round, as a Flower `Strategy` (flwr 1.42 Message API).
 
 It carries the `GlobalState` (expert adapters, phi, a baseline's method state) as an `ArrayRecord`
 and calls exactly the functions of the in-process simulation (`ubsmoe.fl.simulation.run_simulation`):
