@@ -62,7 +62,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ubsmoe.models.native import NATIVE_FAMILIES, ModelLoadError, UnsupportedModelError, require_transformers
-from ubsmoe.moe import SwiGLU, UBSMoEBlock, UBSMoEConfig, budget_to_top_k, experts_from_dense, route
+from ubsmoe.moe import (
+    SwiGLU,
+    UBSMoEBlock,
+    UBSMoEConfig,
+    budget_to_top_k,
+    experts_from_dense,
+    route,
+    skip_padding,
+)
 from ubsmoe.moe.config import dataclass_from_dict
 from ubsmoe.moe.experts import gated_product
 
@@ -219,13 +227,12 @@ class MoEfiedBlock(UBSMoEBlock):
         self.shared_neurons: list[int] = []
         self.neuron_groups: list[list[int]] = []
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_at_full_k and self.top_k == self.num_experts:
-            return self._dense_forward(hidden_states)
-        return super().forward(hidden_states)
+            return self._dense_forward(x)
+        return super().compute(x)
 
-    def _dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, self.hidden_size)
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, num_experts, inner_size, hidden = x.shape[0], self.num_experts, self.intermediate_size, self.hidden_size
         gate_up_weight = self.gate_up_proj.reshape(num_experts * 2 * inner_size, hidden)  # a view (contiguous)
         down_weight = self.down_proj.transpose(0, 1).reshape(hidden, num_experts * inner_size)  # a view in our layout
@@ -259,7 +266,7 @@ class MoEfiedBlock(UBSMoEBlock):
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         self._record_dense(x)
-        return out.view_as(hidden_states)
+        return out
 
     def _record_dense(self, x: torch.Tensor) -> None:
         probs = None
@@ -897,7 +904,7 @@ def moefy(
         model.train(training)
     model.moefication_config = config
     model.moefication_calibration = {"tokens": total_tokens, "fingerprint": calibration_fingerprint(batches)}
-    return model
+    return skip_padding(model)
 
 
 def _layer_chunks(
@@ -1113,7 +1120,7 @@ def load_moefied(
             state[key].copy_(state[source])
     model.moefication_config = moefication
     model.moefication_calibration = description.get("calibration", {})
-    return model.eval()
+    return skip_padding(model).eval()
 
 
 def _read_description(directory: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ubsmoe.moe import UBSMoEBlock, UBSMoEConfig, moe_blocks
+from ubsmoe.moe import UBSMoEBlock, UBSMoEConfig, moe_blocks, skip_padding
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -229,6 +229,7 @@ def adapt_moe_model(
         setattr(model.get_submodule(parent_name), child_name, replacement)
 
     _disable_router_logits(model)
+    skip_padding(model)
     return model
 
 

@@ -18,6 +18,7 @@ from ubsmoe.moe.model import (
     reset_utilization,
     set_phi,
     set_top_k,
+    skip_padding,
 )
 from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
 from ubsmoe.moe.routing import Routing, modulated_logits, range_regularizer, route
@@ -50,6 +51,7 @@ __all__ = [
     "set_phi",
     "model_device",
     "set_top_k",
+    "skip_padding",
     "sparsity_factor",
     "swiglu_experts",
     "utilization_cv",

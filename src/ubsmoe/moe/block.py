@@ -144,6 +144,25 @@ class UBSMoEBlock(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)
+        real = self.real_tokens
+        if real is None or real.numel() == x.shape[0] or self.padded_tokens != x.shape[0]:
+            return self.compute(x).view_as(hidden_states)
+        # Padding positions are skipped: nothing reads their FFN output (they are masked as attention
+        # keys and carry no label), and routing them would count padding in the utilization that DMR
+        # balances and in PG's routing masses. They leave the block as zeros.
+        out = x.new_zeros(x.shape)
+        if real.numel():
+            out = out.index_copy(0, real, self.compute(x.index_select(0, real)))
+        return out.view_as(hidden_states)
+
+    real_tokens: torch.Tensor | None = None
+    """Indices of the real (non-padding) tokens among the next forward's flattened `padded_tokens`
+    positions, set from the attention mask by `ubsmoe.moe.model.skip_padding`; None computes every position."""
+
+    padded_tokens: int = 0
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output (T, H) for tokens x (T, H), every one of them routed."""
         top_k = self._top_k
         routing = route(
             x,
@@ -186,7 +205,7 @@ class UBSMoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         self._record(routing.probs, routing.expert_index, counts, top_k)
-        return out.view_as(hidden_states)
+        return out
 
     def rescale(self, routed: torch.Tensor) -> torch.Tensor:
         """The routed experts' output times the A3SMoE output scale (unchanged without one)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -73,3 +75,43 @@ def set_phi(model: nn.Module, phi: torch.Tensor) -> None:
         raise ValueError(f"phi must have shape ({len(blocks)}, M), got {tuple(phi.shape)}")
     for block, row in zip(blocks, phi, strict=True):
         block.phi.copy_(row)
+
+
+def skip_padding(model: nn.Module) -> nn.Module:
+    """Make the model's UB-SMoE blocks skip the padding positions of every forward, in place.
+
+    Hooks on the transformers backbone (`model.base_model`, which the causal-LM forward and
+    `ubsmoe.models.answer_loss` both call) read the forward's 2-D `attention_mask` and hand each block
+    the indices of the real tokens among the forward's positions (the mask's last S columns with a
+    KV cache); the blocks route and compute only those. Real tokens' outputs are unchanged, padding
+    no longer counts in the expert utilization and PG masses, and padded batches cost less. Idempotent.
+    """
+    backbone = getattr(model, "base_model", model)
+    if getattr(backbone, "_ubsmoe_skips_padding", False):
+        return model
+    backbone.register_forward_pre_hook(_set_real_tokens, with_kwargs=True)
+    backbone.register_forward_hook(_clear_real_tokens, always_call=True)
+    backbone._ubsmoe_skips_padding = True
+    return model
+
+
+def _set_real_tokens(backbone: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
+    real = None
+    positions = 0
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        rows, length = inputs.shape[0], inputs.shape[1]
+        if mask.shape[0] == rows and mask.shape[1] >= length:
+            keep = mask[:, mask.shape[1] - length :].reshape(-1).bool()
+            if not bool(keep.all()):
+                real, positions = keep.nonzero().squeeze(1), keep.numel()
+    for block in moe_blocks(backbone):
+        block.real_tokens, block.padded_tokens = real, positions
+
+
+def _clear_real_tokens(backbone: nn.Module, args: tuple, output: Any) -> None:
+    for block in moe_blocks(backbone):
+        block.real_tokens, block.padded_tokens = None, 0
