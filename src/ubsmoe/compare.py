@@ -60,7 +60,14 @@ def _k_max_and_experts(config: ExperimentConfig) -> tuple[int, int]:
     if config.model.is_moefied:
         experts = config.model.moefication.num_experts
         return experts, experts
-    path = Path(config.model.name) / "config.json"
+    from ubsmoe.models.loading import resolve_model_directory
+    from ubsmoe.models.native import ModelLoadError
+
+    try:  # a local folder, or a hub id's config in the Hugging Face cache (fetched when missing)
+        directory = resolve_model_directory(config.model.name, config.model.revision, weights=False).directory
+    except ModelLoadError as error:
+        raise ConfigError(f"the N_p ablation needs K_max and M of the model: {error}") from None
+    path = directory / "config.json"
     try:
         native = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -215,17 +215,33 @@ class MoEficationSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = Field(EMBEDDED_MODEL, min_length=1, description="'embedded' or a local path (or hub id)")
+    name: str = Field(
+        EMBEDDED_MODEL, min_length=1, description="'embedded', a local model folder or a Hugging Face hub id"
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description="branch, tag or commit of a hub id (null = main); not for local folders or 'embedded'",
+    )
     kind: Literal["native", "dense"] | None = Field(
         None, description="native MoE, or dense (MoEfied); None = inferred when the model is loaded"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     moefication: MoEficationSection = Field(default_factory=MoEficationSection)
 
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and any(c.isspace() for c in value):
+            raise ValueError("must be a branch, tag or commit of the hub repository (no spaces)")
+        return value
+
     @model_validator(mode="after")
     def _embedded_kind(self) -> ModelSection:
         if self.name == EMBEDDED_MODEL and self.kind == "native":
             raise _Problems([("kind", self.kind, "must be 'dense' or null for the embedded model (it is MoEfied)")])
+        if self.name == EMBEDDED_MODEL and self.revision is not None:
+            raise _Problems([("revision", self.revision, "must be null for the embedded model (it is not a hub id)")])
         return self
 
     @property

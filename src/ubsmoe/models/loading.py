@@ -6,6 +6,9 @@
 - a local directory of a native MoE (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE): adapted in place.
 - a local directory of a dense Llama/Mistral/Qwen2/Qwen3 model (`model.kind: dense`, or inferred
   from its config): MoEfied like the embedded default, cached by the hash of its weights.
+- a Hugging Face hub id (`owner/name`, at `model.revision`, default main) of either kind: resolved to
+  its snapshot folder in the Hugging Face cache (`resolve_model_directory`: downloaded when missing,
+  read from the cache under `HF_HUB_OFFLINE`), then loaded as a local directory.
 
 Calibration text for MoEfication is the BIG-bench text of `ubsmoe.data.calibration.CALIBRATION_TASKS`
 (disjoint from the training and evaluation tasks). The trainable parts (LoRA A, phi) are initialised
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +42,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel",
+    "ModelSource",
     "adapter_dims",
     "adapter_parameters",
     "check_adapter_memory",
     "check_tokenizer_files",
     "load_experiment_model",
+    "looks_like_hub_id",
     "resolve_device",
+    "resolve_model_directory",
 ]
 
 CALIBRATION_BLOCK = 256
@@ -273,6 +280,177 @@ def check_adapter_memory(
     )
 
 
+# ---- model.name: a local folder or a Hugging Face hub id -------------------------------------------
+# What is taken of a hub repository: first its small files (config, tokenizer), which are checked before
+# any weights are read or downloaded, then its safetensors weights. Files in subfolders (`original/`,
+# `onnx/` ...) and Mistral's `consolidated*` second copy of the weights are left out.
+HUB_METADATA_FILES = ("*.json", "*.jinja", *sorted({name for names in TOKENIZER_FILES for name in names}))
+HUB_WEIGHT_FILES = ("*.safetensors",)
+HUB_IGNORED_FILES = ("*/*", "consolidated*")
+HUB_EXAMPLE = "allenai/OLMoE-1B-7B-0924"
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `model.name` was found: a local folder, or a hub id's snapshot folder in the Hugging Face cache."""
+
+    directory: Path
+    repo_id: str | None = None  # the hub id; None for a local folder
+    revision: str | None = None  # the revision asked for ("main" when model.revision is null)
+    commit: str | None = None  # the commit the revision resolved to (the snapshot folder's name)
+
+    def info(self) -> dict[str, Any]:
+        """The entries of `LoadedModel.info` (and summary.json) that say which files were loaded."""
+        if self.repo_id is None:
+            return {"path": str(self.directory.resolve())}
+        return {"path": str(self.directory), "hub_id": self.repo_id, "revision": self.revision, "commit": self.commit}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'name' or 'owner/name' in the hub's characters (letters, digits, '-', '_', '.'; no '--' or '..')."""
+    return len(name) <= 200 and _HUB_ID.fullmatch(name) is not None and "--" not in name and ".." not in name
+
+
+def resolve_model_directory(
+    name: str, revision: str | None = None, *, weights: bool = True, progress: Progress | None = None
+) -> ModelSource:
+    """The folder `model.name` names: a local folder as it is, or a hub id's snapshot in the Hugging Face cache.
+
+    A hub id is resolved like `from_pretrained` does it (`huggingface_hub.snapshot_download`): the cache
+    of `HF_HOME` / `HF_HUB_CACHE`, `revision` (branch, tag or commit; None = main), `HF_HUB_OFFLINE` (the
+    cached snapshot only; nothing is downloaded) and the user's token. `weights=False` takes only the
+    config and tokenizer files (checked before the weights are downloaded). Every failure is one
+    `ModelLoadError` line saying what failed and how to point at a local copy instead.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise ModelLoadError(
+                f"model.revision = {revision!r}: model.name = {name!r} is a local folder, and a revision applies "
+                "to Hugging Face hub ids only; remove model.revision (or put that revision's files in the folder)"
+            )
+        return ModelSource(local)
+    if local.exists():
+        raise ModelNotFoundError(
+            f"model.name = {name!r}: a file, not a model folder (its config.json, weights and tokenizer)"
+        )
+    if not looks_like_hub_id(name):
+        raise ModelNotFoundError(
+            f"model.name = {name!r}: no such local directory (use 'embedded', the path of a downloaded model "
+            f"or a Hugging Face hub id such as '{HUB_EXAMPLE}')"
+        )
+    return _hub_snapshot(name, revision, weights, progress)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, weights: bool, progress: Progress | None) -> ModelSource:
+    try:
+        from huggingface_hub import constants, errors, snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ModelLoadError(
+            f"model.name = {repo_id!r}: no such local directory, and huggingface_hub (needed for hub ids) is not "
+            "installed; pip install huggingface_hub, or set model.name to the model's local folder"
+        ) from None
+    offline = bool(constants.HF_HUB_OFFLINE)
+    at = f" at revision {revision!r}" if revision else ""
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    local_copy = "or set model.name to the model's local folder"
+    if progress:
+        what = "the weights" if weights else "its config and tokenizer"
+        where = "from the Hugging Face cache" if offline else "from the Hugging Face hub (or its cache)"
+        progress(f"{repo_id}{at}: {what} {where}")
+    patterns = [*HUB_METADATA_FILES, *(HUB_WEIGHT_FILES if weights else ())]
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            ignore_patterns=list(HUB_IGNORED_FILES),
+            local_files_only=offline,
+        )
+    except errors.HFValidationError as error:
+        raise ModelNotFoundError(
+            f"model.name = {repo_id!r}: no such local directory, and not a valid Hugging Face hub id "
+            f"({first_line(error)})"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise ModelLoadError(
+            f"model.revision = {revision!r}: {repo_id!r} has no such branch, tag or commit on the Hugging Face hub"
+        ) from None
+    except errors.GatedRepoError:
+        raise ModelLoadError(
+            f"model.name = {repo_id!r}: a gated model; accept its conditions on huggingface.co and log in "
+            f"(`hf auth login` or HF_TOKEN), {local_copy}"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model.name = {repo_id!r}: no such local directory, and no such model on the Hugging Face hub (a "
+            f"private one needs `hf auth login` or HF_TOKEN); check the name, {local_copy}"
+        ) from None
+    except errors.IncompleteSnapshotError as error:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise ModelLoadError(
+            f"model.name = {repo_id!r}{at}: its snapshot in the Hugging Face cache is incomplete and {reason} "
+            f"({first_line(error)}); complete it with `{download}`, {local_copy}"
+        ) from None
+    except errors.LocalEntryNotFoundError as error:
+        if offline:
+            reason = "HF_HUB_OFFLINE is set"
+        else:
+            reason = f"the hub cannot be reached ({first_line(error.__cause__ or error)})"
+        raise ModelNotFoundError(
+            f"model.name = {repo_id!r}{at}: no such local directory, not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and {reason}; download it with `{download}` on a machine with access, "
+            f"{local_copy}"
+        ) from None
+    except Exception as error:  # network failures, HTTP errors, a full disk ...
+        raise ModelLoadError(
+            f"model.name = {repo_id!r}{at}: could not get it from the Hugging Face hub ({type(error).__name__}: "
+            f"{first_line(error)}); download it with `{download}`, {local_copy}"
+        ) from None
+    directory = Path(folder)
+    commit = directory.name if _COMMIT.fullmatch(directory.name) else None
+    return ModelSource(directory, repo_id, revision or constants.DEFAULT_REVISION, commit)
+
+
+def missing_weights(directory: Path) -> list[str]:
+    """The weight files a model folder lacks: the shards its `model.safetensors.index.json` lists, else
+    `model.safetensors` ([] when complete; a `pytorch_model*.bin` that `from_pretrained` cached also counts)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []  # an unreadable index: transformers says what is wrong when it loads the model
+        return [shard for shard in shards if not (directory / shard).is_file()]
+    if (directory / "model.safetensors").is_file() or any(directory.glob("pytorch_model*.bin")):
+        return []
+    return ["model.safetensors"]
+
+
+def _hub_weights(source: ModelSource, progress: Progress | None) -> None:
+    """Fetch the safetensors weights of the snapshot whose config was checked, unless they are all cached.
+
+    A complete cached snapshot costs no request to the hub (and no retries where there is no network);
+    ModelLoadError when weights are still missing (a repository without safetensors weights, or an
+    incomplete snapshot while offline).
+    """
+    assert source.repo_id is not None
+    if not missing_weights(source.directory):
+        return
+    _hub_snapshot(source.repo_id, source.commit or source.revision, True, progress)
+    missing = missing_weights(source.directory)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(
+            f"model.name = {source.repo_id!r} (commit {source.commit}): its snapshot {source.directory} lacks "
+            f"{', '.join(missing[:3])}{more}; ubsmoe takes only safetensors weights from the hub: complete the "
+            f"snapshot (`hf download {source.repo_id} --revision {source.commit or source.revision}`), or convert the "
+            "model and set model.name to its local folder"
+        )
+
+
 def _local_config(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -297,6 +475,7 @@ def load_experiment_model(
     dtype = _dtype(config.model.dtype)
     name = config.model.name
     device = resolve_device(config.device)
+    source: ModelSource | None = None
     if name == "embedded":
         from ubsmoe.models.embedded import EXPECTED_CONFIG, embedded_default_path, load_embedded_default
 
@@ -308,11 +487,9 @@ def load_experiment_model(
         kind = "moefied"
     else:
         transformers = require_transformers()
-        directory = Path(name).expanduser()
-        if not directory.is_dir():
-            raise ModelNotFoundError(
-                f"model.name = {name!r}: no such local directory (use 'embedded' or the path of a downloaded model)"
-            )
+        # a hub id: its config and tokenizer first, so that the checks below run before any weights download
+        source = resolve_model_directory(name, config.model.revision, weights=False, progress=progress)
+        directory = source.directory
         hf_config = _local_config(directory)
         model_type = hf_config.get("model_type")
         kind_wanted = config.model.kind or ("native" if model_type in NATIVE_FAMILIES else "dense")
@@ -330,6 +507,8 @@ def load_experiment_model(
             raise ModelLoadError(
                 f"{directory}: its tokenizer encodes text to no tokens; check the folder's tokenizer files"
             )
+        if source.repo_id is not None:  # the weights of the very commit whose config was checked
+            _hub_weights(source, progress)
         if kind_wanted == "native":
             model = load_moe_model(
                 directory, config.ubsmoe_config(), dtype=dtype, normalize_gates=config.moe.normalize_gates
@@ -351,6 +530,8 @@ def load_experiment_model(
     if kind == "moefied":
         k_max = num_experts
     info = {"name": name, "kind": kind, "k_max": k_max, "num_experts": num_experts, "device": str(device)}
+    if source is not None:
+        info.update(source.info())
     cache = getattr(model, "moefication_cache", None)
     if cache:
         info["moefication_cache"] = dict(cache)
