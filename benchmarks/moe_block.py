@@ -25,16 +25,25 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import peft
 import torch
 import transformers
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import OlmoeConfig, OlmoeModel
-from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
-from ubsmoe.moe import UBSMoEBlock, UBSMoEConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_contenders import (  # noqa: E402  (beside this script; benchmarks/ is not a package)
+    FLOPS_FORMULA,
+    analytic_step_flops,
+    copy_peft_lora,
+    hf_olmoe_block,
+    hf_step,
+    only_adapters_train,
+    ub_step,
+    ubsmoe_block,
+)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch 4 x tokens/4)")
@@ -65,42 +74,12 @@ def log(*a):
     print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, file=sys.stderr, flush=True)
 
 
-# ---- contenders -------------------------------------------------------------------------------------------------
-hf_config = OlmoeConfig(
-    hidden_size=H, intermediate_size=I, num_experts=M, num_experts_per_tok=K_MAX, norm_topk_prob=False
-)
-
-
-class Wrapper(nn.Module):  # peft wants a model around the block
-    def __init__(self):
-        super().__init__()
-        self.mlp = OlmoeSparseMoeBlock(hf_config)
-
-    def forward(self, x):
-        return self.mlp(x)
-
-
-hf = Wrapper()
-with torch.no_grad():
-    for p in hf.parameters():
-        p.normal_(0.0, 0.02)
-lora_config = peft.LoraConfig(
-    r=R, lora_alpha=args.alpha, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
-)
-hf_peft = peft.get_peft_model(hf, lora_config)
-experts = hf.mlp.experts.get_base_layer()  # the OlmoeExperts under both ParamWrappers
-ub = {
-    impl: UBSMoEBlock(
-        experts.gate_up_proj,
-        experts.down_proj,
-        hf.mlp.gate.weight,
-        K_MAX,
-        UBSMoEConfig(lora_rank=R, lora_alpha=args.alpha, implementation=impl),
-    )
-    for impl in ("eager", "auto")
-}
+# ---- contenders (benchmarks/moe_contenders.py) --------------------------------------------------------------
+hf = hf_olmoe_block(H, I, M, K_MAX, R, args.alpha)
+hf_peft = hf.peft_model
+ub = {impl: ubsmoe_block(hf, R, args.alpha, impl) for impl in ("eager", "auto")}
 for module in (hf_peft, *ub.values()):
-    assert all("lora" in n or n == "phi" for n, p in module.named_parameters() if p.requires_grad)
+    assert only_adapters_train(module)
 # transformers models resolve experts_implementation=None to this (a bare block has None: the eager loop)
 tiny = OlmoeConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_hidden_layers=1, num_attention_heads=2)
 hf_model_default = OlmoeModel(tiny).config._experts_implementation
@@ -109,33 +88,17 @@ x = torch.randn(4, args.tokens // 4, H, requires_grad=True)
 grad_out = torch.randn_like(x)  # a fixed dense grad: grouped_mm's CPU backward rejects expanded stride-0 grads
 
 
-def hf_step(k, implementation):
-    hf_config._experts_implementation = implementation  # read by the experts forward at every call
-    hf.mlp.gate.top_k = k
-    hf_peft(x).backward(grad_out)
-    hf_peft.zero_grad(set_to_none=True)
-    x.grad = None
-
-
-def ub_step(k, block):
-    block.top_k = k
-    block(x).backward(grad_out)
-    block.apply_pseudo_gradient()
-    block.zero_grad(set_to_none=True)
-    x.grad = None
-
-
 contenders = {
-    "hf_peft_grouped_mm": lambda k: hf_step(k, "grouped_mm"),
-    "hf_peft_eager": lambda k: hf_step(k, "eager"),
-    "ubsmoe_eager": lambda k: ub_step(k, ub["eager"]),
-    "ubsmoe_fast": lambda k: ub_step(k, ub["auto"]),
+    "hf_peft_grouped_mm": lambda k: hf_step(hf, x, grad_out, k, "grouped_mm"),
+    "hf_peft_eager": lambda k: hf_step(hf, x, grad_out, k, "eager"),
+    "ubsmoe_eager": lambda k: ub_step(ub["eager"], x, grad_out, k),
+    "ubsmoe_fast": lambda k: ub_step(ub["auto"], x, grad_out, k),
 }
 
 
 # ---- equivalence at K_max: same weights, same routing -> same output ------------------------------------------
 def max_diff(implementation):
-    hf_config._experts_implementation, hf.mlp.gate.top_k = implementation, K_MAX
+    hf.config._experts_implementation, hf.wrapper.mlp.gate.top_k = implementation, K_MAX
     outs, grads = [], []
     for fn in (hf_peft, ub["auto"], ub["eager"]):
         if fn is not hf_peft:
@@ -151,16 +114,7 @@ def max_diff(implementation):
 
 equivalence = {"zero_lora_b": {impl: max_diff(impl) for impl in ("grouped_mm", "eager")}}
 # map peft's fused LoRA onto UB-SMoE's (gate and up share peft's A; B splits) and compare with non-zero B too
-with torch.no_grad():
-    wrappers = {w.parameter_name: w for w in hf_peft.modules() if isinstance(w, peft.tuners.lora.ParamWrapper)}
-    for w in wrappers.values():
-        w.lora_B["default"].weight.normal_(0.0, 0.02)
-    factors = {name: w.get_delta_factors("default")[:2] for name, w in wrappers.items()}  # B (M,out,r), A (M,r,in)
-    for block in ub.values():
-        (b_gu, a_gu), (b_d, a_d) = factors["gate_up_proj"], factors["down_proj"]
-        for target, a, b in (("gate", a_gu, b_gu[:, :I]), ("up", a_gu, b_gu[:, I:]), ("down", a_d, b_d)):
-            block.lora.lora_A[target].copy_(a)
-            block.lora.lora_B[target].copy_(b)
+copy_peft_lora(hf, list(ub.values()))
 equivalence["mapped_lora"] = {impl: max_diff(impl) for impl in ("grouped_mm", "eager")}
 for block in ub.values():
     block.apply_pseudo_gradient()  # clear the routing masses the checks recorded
@@ -177,8 +131,7 @@ def count_flops(fn, k):
 
 flops = {k: count_flops(contenders["ubsmoe_eager"], k) for k in KS}
 fast_counted = count_flops(contenders["ubsmoe_fast"], K_MAX)
-FORMULA = "T * (4*M*H + K * (12*H*I + 18*r*(H+I)))"
-analytic = {k: args.tokens * (4 * M * H + k * (12 * H * I + 18 * R * (H + I))) for k in KS}
+analytic = {k: analytic_step_flops(args.tokens, H, I, M, k, R) for k in KS}
 log("flops", flops)
 
 # ---- timing -------------------------------------------------------------------------------------------------
@@ -257,7 +210,7 @@ result = {
     "hf_experts_implementation": {"model_default": hf_model_default, "bare_block_default": "eager (config value None)"},
     "flops": {
         "counter": "torch.utils.flop_counter.FlopCounterMode over the ubsmoe_eager step (matmuls only)",
-        "analytic_formula": FORMULA,
+        "analytic_formula": FLOPS_FORMULA,
         "counted_on_fast_path_at_k_max": fast_counted,
         "grouped_mm_counted": fast_counted > 0.5 * flops[K_MAX],
     },
