@@ -14,6 +14,7 @@ import importlib.util
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ from ubsmoe.models.peft_export import (  # noqa: E402
     PeftExportError,
     export_peft,
     export_run,
+    export_run_adapters,
     model_peft_adapter,
     moefied_peft_adapter,
     native_peft_adapter,
@@ -373,6 +375,19 @@ def test_cli_exports_a_moefied_run_from_its_cached_moefied_model(tmp_path):
     assert (logits(peft_model, ids) - logits(model, ids)).abs().max().item() < 1e-5
     result = _cli("export", str(run), str(tmp_path / "merged"), "--format", "merged")
     assert result.exit_code == 2 and "native MoE checkpoints" in result.text
+
+
+def test_a_run_writes_the_peft_folder_except_for_flora_and_florist(tmp_path):
+    adapted = adapt_moe_model(build("olmoe"), UBSMoEConfig(**LORA))
+    config = SimpleNamespace(method="ubsmoe", model=SimpleNamespace(name="owner/name", revision="v1"))
+    folder, lines = export_run_adapters(adapted, tmp_path, config)
+    assert folder == tmp_path / "peft" and lines == []
+    written = json.loads((folder / PEFT_CONFIG).read_text())
+    assert (written["base_model_name_or_path"], written["revision"]) == ("owner/name", "v1")
+    for method in ("flora", "florist"):
+        folder, lines = export_run_adapters(adapted, tmp_path, SimpleNamespace(method=method, model=config.model))
+        assert folder is None and "merges every round's update" in lines[0]
+        assert not (tmp_path / "peft").exists()  # a resumed run leaves no stale export behind
 
 
 def test_export_run_skips_flora(tmp_path):

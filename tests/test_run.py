@@ -175,6 +175,34 @@ def test_outputs_follow_the_contract(reference):
     assert any("round 2/2 finished in" in line and "mean accuracy" in line for line in log)
 
 
+def test_the_final_adapters_load_in_peft(setup, reference):
+    """OUT/adapters/peft/ loads onto the original model with peft alone and is the run's model at K_max, phi = 0."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from ubsmoe.models.loading import load_experiment_model
+    from ubsmoe.models.state import load_trainable_state
+    from ubsmoe.moe import moe_blocks
+
+    out, summary = reference
+    folder = out / "adapters" / "peft"
+    assert summary["peft_adapters"] == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(setup["model"])
+    peft_model = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    model = load_experiment_model(_config(setup)).model
+    load_trainable_state(model, out / "adapters")
+    phi = [block.phi.detach().clone() for block in moe_blocks(model)]
+    assert any(p.abs().sum() > 0 for p in phi)  # DMR moved phi: the export drops it, and the log says so
+    assert any("peft adapter: phi is non-zero" in line for line in (out / "run.log").read_text().splitlines())
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.phi.zero_()
+        ids = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        difference = (peft_model(ids).logits - model(ids).logits).abs().max().item()
+    assert difference < 1e-5
+
+
 def test_same_seed_gives_the_same_metrics(setup, reference):
     out, summary = reference
     again = run_experiment(_config(setup, "output.tensorboard=true"), setup["root"] / "again")

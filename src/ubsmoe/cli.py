@@ -264,6 +264,34 @@ def show_config(
     print(yaml.safe_dump(experiment.to_dict(), sort_keys=False), end="")
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `ubsmoe run` folder (or its adapters/ folder).")],
+    out_dir: Annotated[Path, typer.Argument(help="A new or empty folder to write the export to.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="peft: a LoRA adapter of the original model for peft's PeftModel.from_pretrained (native MoE "
+            "models at their native K; MoEfied models at K = M, as a dense LoRA). merged: native MoE models only, "
+            "the LoRA folded into a plain transformers checkpoint.",
+        ),
+    ] = "peft",
+) -> None:
+    """Export a finished run's final adapters for use without ubsmoe (docs/models.md)."""
+    from ubsmoe.models.peft_export import export_run
+
+    try:
+        written, notes = export_run(run_dir, out_dir, format, progress=console.print)
+    except (ValueError, OSError) as error:  # every export error is a ValueError (PeftExportError, ModelLoadError ...)
+        text = str(error).strip()
+        raise _fail(text.splitlines()[0] if text else type(error).__name__) from None
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"wrote [bold]{written}[/] ({format})")
+
+
 def _run_experiment(experiment, folder: Path, resume: bool, show_table: bool = True, label: str | None = None) -> dict:
     from ubsmoe.config import ConfigError
     from ubsmoe.data.bigbench import BigBenchError

@@ -16,7 +16,9 @@
    `evaluation.every` rounds (and after the last): accuracy per task and mean with 95% intervals,
    perplexity of the gold answers, perplexity of held-out BIG-bench text;
 5. writes `OUT/summary.json` (`ubsmoe.report.summary`), `OUT/plots/*.png`, TensorBoard scalars
-   (`OUT/tensorboard/`, when the package is installed) and the final adapters (`OUT/adapters/`).
+   (`OUT/tensorboard/`, when the package is installed) and the final adapters (`OUT/adapters/`, and
+   `OUT/adapters/peft/`: the same adapters as a peft LoRA adapter of the original model, which
+   `PeftModel.from_pretrained` loads; not for FLoRA/FLoRIST, a line in `OUT/run.log` says why).
 
 Per-round checkpoints and `OUT/metrics.jsonl` come from the simulation. A `Reporter` receives
 progress events (the CLI draws rich progress bars from them, or plain lines without a terminal);
@@ -582,7 +584,7 @@ def _run_stages(
         records=records,
         timing={"load_s": load_s, "total_s": time.perf_counter() - started},
     )
-    write_outputs(summary, model, out, config)
+    write_outputs(summary, model, out, config, note=reporter.reporter.stage)  # a line, not a timed part
     reporter.timer.finish()  # summary.json again, now with the time its outputs took
     summary["timing"].update(total_s=time.perf_counter() - started, stages=reporter.timer.stages())
     write_summary(summary, out)

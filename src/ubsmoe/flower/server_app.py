@@ -6,7 +6,8 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run ... --run-c
 - `overrides`: `key=value` settings applied on top, separated by `;` (as `ubsmoe run --set`);
 - `out-dir`: the output folder (`""`: the config's `output.dir`); it receives what `ubsmoe run`
   writes: config.yaml, initial_eval.json, metrics.jsonl, checkpoint/round_XXXX, summary.json,
-  plots, adapters;
+  plots, adapters (with adapters/peft/, the final adapters in peft's format, like FlowerTune's PEFT
+  checkpoints; why there is none, for FLoRA/FLoRIST, is logged);
 - `round-timeout`: seconds the server waits for a round's replies before carrying on without the rest;
 - `min-replies`: the fewest client updates a round may be aggregated from (below it the run stops);
   at most the number of clients a round samples, checked before anything is loaded;
@@ -22,10 +23,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import ExperimentConfig, load_config
@@ -151,7 +154,7 @@ def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, ou
         timing={"load_s": load_s, "total_s": time.perf_counter() - started},
     )
     summary["runtime"] = {"kind": "flower", "nodes": {str(c): n.budget for c, n in sorted(strategy.nodes.items())}}
-    write_outputs(summary, model, out, config)
+    write_outputs(summary, model, out, config, note=lambda line: log(INFO, "%s", line))
     return summary
 
 

@@ -544,6 +544,14 @@ def base_model_path(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def _with_revision(adapter: PeftAdapter, config: Any) -> PeftAdapter:
+    """The hub revision of the run's base model (`model.revision`), which peft passes on when it loads the base."""
+    revision = getattr(getattr(config, "model", None), "revision", None)
+    if revision:
+        adapter.config["revision"] = revision
+    return adapter
+
+
 def export_run_adapters(
     model: nn.Module, adapters_dir: str | os.PathLike[str], config: Any
 ) -> tuple[Path | None, list[str]]:
@@ -555,10 +563,10 @@ def export_run_adapters(
     reason = NOT_EXPORTED_METHODS.get(config.method)
     if reason is None:
         try:
-            adapter = model_peft_adapter(model, base_model_path(config.model.name))
+            adapter = _with_revision(model_peft_adapter(model, base_model_path(config.model.name)), config)
             write_peft_adapter(adapter, directory, replace=True, source=f"a ubsmoe run, method {config.method}")
-        except (PeftExportError, OSError) as error:
-            reason = str(error)
+        except Exception as error:  # an optional extra: the run's own outputs must still be written
+            reason = str(error) if isinstance(error, PeftExportError | OSError) else f"{type(error).__name__}: {error}"
         else:
             return directory, [f"peft adapter: {note}" for note in adapter.notes]
     with contextlib.suppress(FileNotFoundError):
@@ -719,6 +727,9 @@ def export_run(
             if recovery:
                 raise PeftExportError(_RECOVERY_REFUSAL)
             adapter = moefied_peft_adapter(tensors, layers, rank=rank, alpha=alpha, base_model=base_model)
+    if run is not None and (run / "config.yaml").is_file():
+        with contextlib.suppress(PeftExportError):
+            adapter = _with_revision(adapter, _run_config(run, "the base model's revision"))
     write_peft_adapter(adapter, out, source=source)
     return out, list(adapter.notes)
 

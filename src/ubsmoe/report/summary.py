@@ -8,8 +8,12 @@ perplexity, training FLOPs per sample (analytic and measured), step time, upload
 client and per round}, the mean over tiers, expert-utilization balance per layer (coefficient of
 variation, dead experts) after the last round, the per-round records, and timings.
 
-`write_outputs(summary, model, out, config)` writes summary.json (atomically), the plots, TensorBoard
-scalars and the final adapters.
+`write_outputs(summary, model, out, config, note)` writes summary.json (atomically), the plots, TensorBoard
+scalars and the final adapters: `OUT/adapters/` (ubsmoe's format, `ubsmoe.models.load_trainable_state`)
+and `OUT/adapters/peft/` (a peft LoRA adapter of the original model, `ubsmoe.models.peft_export`; not
+for FLoRA/FLoRIST, whose update is merged into the experts). `note(line)` receives a line saying why
+there is no peft adapter, or what it leaves out (phi, output scales); summary.json's `peft_adapters`
+is its path or null.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import platform
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,14 +190,22 @@ def write_summary(summary: Mapping[str, Any], out: Path) -> Path:
     return path
 
 
-def write_outputs(summary: dict[str, Any], model: Any, out: Path, config: Any) -> None:
+def write_outputs(
+    summary: dict[str, Any], model: Any, out: Path, config: Any, note: Callable[[str], None] | None = None
+) -> None:
     """summary.json, plots, TensorBoard scalars and the final adapters (see the module docstring)."""
+    from ubsmoe.models.peft_export import export_run_adapters
     from ubsmoe.models.state import save_trainable_state
 
     adapters = save_trainable_state(
         model, out / "adapters", metadata={"base_model": config.model.name, "method": config.method}
     )
     summary["adapters"] = str(adapters)
+    peft_adapters, lines = export_run_adapters(model, adapters, config)
+    summary["peft_adapters"] = str(peft_adapters) if peft_adapters is not None else None
+    for line in lines:
+        if note is not None:
+            note(line)
     summary["plots"] = []
     if config.output.plots:
         from ubsmoe.report.plots import write_plots
