@@ -164,6 +164,12 @@ def _assert_same_run(flower: Path, reference: Path) -> None:
     assert sa["runtime"]["kind"] == "flower"
     assert [r["round"] for r in _without_timing(sa["rounds"])] == [0, 1]
     assert (flower / "initial_eval.json").is_file() and (flower / "adapters").is_dir()
+    # the final adapters in peft's format too, from the ServerApp as from `ubsmoe run` (none for FLoRA/FLoRIST)
+    assert bool(sa["peft_adapters"]) == bool(sb["peft_adapters"]) == (sa["method"] not in ("flora", "florist"))
+    if sa["peft_adapters"]:
+        pa, pb = (load_file(str(p / "adapters" / "peft" / "adapter_model.safetensors")) for p in (flower, reference))
+        assert pa.keys() == pb.keys()
+        assert all(float((pa[k].double() - pb[k].double()).abs().max()) <= TOLERANCE for k in pa)
 
 
 def test_flower_simulation_matches_the_in_process_run(setup):

@@ -380,10 +380,17 @@ def test_cli_exports_a_moefied_run_from_its_cached_moefied_model(tmp_path):
 def test_a_run_writes_the_peft_folder_except_for_flora_and_florist(tmp_path):
     adapted = adapt_moe_model(build("olmoe"), UBSMoEConfig(**LORA))
     config = SimpleNamespace(method="ubsmoe", model=SimpleNamespace(name="owner/name", revision="v1"))
-    folder, lines = export_run_adapters(adapted, tmp_path, config)
+    info = {
+        "name": "owner/name",
+        "path": "/hf/snapshots/abc",
+        "hub_id": "owner/name",
+        "revision": "v1",
+        "commit": "abc",
+    }
+    folder, lines = export_run_adapters(adapted, tmp_path, config, info)
     assert folder == tmp_path / "peft" and lines == []
     written = json.loads((folder / PEFT_CONFIG).read_text())
-    assert (written["base_model_name_or_path"], written["revision"]) == ("owner/name", "v1")
+    assert (written["base_model_name_or_path"], written["revision"]) == ("owner/name", "abc")  # the very weights
     for method in ("flora", "florist"):
         folder, lines = export_run_adapters(adapted, tmp_path, SimpleNamespace(method=method, model=config.model))
         assert folder is None and "merges every round's update" in lines[0]

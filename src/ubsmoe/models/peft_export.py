@@ -544,26 +544,39 @@ def base_model_path(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def _with_revision(adapter: PeftAdapter, config: Any) -> PeftAdapter:
-    """The hub revision of the run's base model (`model.revision`), which peft passes on when it loads the base."""
-    revision = getattr(getattr(config, "model", None), "revision", None)
-    if revision:
-        adapter.config["revision"] = revision
-    return adapter
+def base_model_of_run(name: str, model_info: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+    """(`base_model_name_or_path`, `revision`) of a run's base model, from summary.json's `model` entry.
+
+    A hub id with the commit it resolved to (so peft loads the very weights the run used), else the
+    folder the run read, else `base_model_path(name)`.
+    """
+    info = model_info or {}
+    if info.get("hub_id"):
+        return str(info["hub_id"]), info.get("commit") or info.get("revision")
+    if info.get("path"):
+        return str(info["path"]), None
+    return base_model_path(name), None
 
 
 def export_run_adapters(
-    model: nn.Module, adapters_dir: str | os.PathLike[str], config: Any
+    model: nn.Module,
+    adapters_dir: str | os.PathLike[str],
+    config: Any,
+    model_info: Mapping[str, Any] | None = None,
 ) -> tuple[Path | None, list[str]]:
     """At the end of a run: `adapters_dir/peft/`, or None; and the lines to log (notes, or why not).
 
-    Never raises for what it cannot export (a run's end must not fail on it): the reason is returned.
+    `model_info`: summary.json's `model` entry (where the base model was read). Never raises for what it
+    cannot export (a run's end must not fail on it): the reason is returned.
     """
     directory = Path(adapters_dir) / PEFT_FOLDER
     reason = NOT_EXPORTED_METHODS.get(config.method)
     if reason is None:
         try:
-            adapter = _with_revision(model_peft_adapter(model, base_model_path(config.model.name)), config)
+            base_model, revision = base_model_of_run(config.model.name, model_info)
+            adapter = model_peft_adapter(model, base_model)
+            if revision:
+                adapter.config["revision"] = revision
             write_peft_adapter(adapter, directory, replace=True, source=f"a ubsmoe run, method {config.method}")
         except Exception as error:  # an optional extra: the run's own outputs must still be written
             reason = str(error) if isinstance(error, PeftExportError | OSError) else f"{type(error).__name__}: {error}"
@@ -607,7 +620,8 @@ def _saved_neuron_groups(run: Path | None) -> tuple[list[NeuronGroups], bool] | 
 
     if run is None or not (run / "summary.json").is_file():
         return None
-    cache = (_read_json(run / "summary.json").get("model") or {}).get("moefication_cache") or {}
+    summary = _read_json(run / "summary.json")
+    cache = ((summary.get("model") if isinstance(summary, dict) else None) or {}).get("moefication_cache") or {}
     description_file = Path(cache.get("path") or "") / CONFIG_FILE
     if not cache.get("path") or not description_file.is_file():
         return None
@@ -679,7 +693,9 @@ def export_run(
     method = (saved.get("metadata") or {}).get("method")
     if method in NOT_EXPORTED_METHODS:
         raise PeftExportError(f"{adapters_dir}: {NOT_EXPORTED_METHODS[method]}; nothing to export")
-    base_model = base_model_path(str(saved.get("base_model") or ""))
+    summary = _read_json(run / "summary.json") if run is not None and (run / "summary.json").is_file() else {}
+    model_info = summary.get("model") if isinstance(summary, dict) else None
+    base_model, revision = base_model_of_run(str(saved.get("base_model") or ""), model_info)
     source = f"ubsmoe run {run if run is not None else adapters_dir}"
 
     if format == "merged":
@@ -727,9 +743,8 @@ def export_run(
             if recovery:
                 raise PeftExportError(_RECOVERY_REFUSAL)
             adapter = moefied_peft_adapter(tensors, layers, rank=rank, alpha=alpha, base_model=base_model)
-    if run is not None and (run / "config.yaml").is_file():
-        with contextlib.suppress(PeftExportError):
-            adapter = _with_revision(adapter, _run_config(run, "the base model's revision"))
+    if revision:
+        adapter.config["revision"] = revision
     write_peft_adapter(adapter, out, source=source)
     return out, list(adapter.notes)
 
@@ -743,6 +758,7 @@ __all__ = [
     "NeuronGroups",
     "PeftAdapter",
     "PeftExportError",
+    "base_model_of_run",
     "base_model_path",
     "export_peft",
     "export_run",

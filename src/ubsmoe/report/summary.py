@@ -201,7 +201,7 @@ def write_outputs(
         model, out / "adapters", metadata={"base_model": config.model.name, "method": config.method}
     )
     summary["adapters"] = str(adapters)
-    peft_adapters, lines = export_run_adapters(model, adapters, config)
+    peft_adapters, lines = export_run_adapters(model, adapters, config, summary.get("model"))
     summary["peft_adapters"] = str(peft_adapters) if peft_adapters is not None else None
     for line in lines:
         if note is not None:
