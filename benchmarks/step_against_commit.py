@@ -42,7 +42,6 @@ def worker(batches_path: str, top_k: int, rounds: int) -> None:
     from ubsmoe.config import ExperimentConfig
     from ubsmoe.fl.client import ClientSettings, client_update
     from ubsmoe.fl.experiment import initial_global_state
-    from ubsmoe.fl.methods import MethodSettings
     from ubsmoe.models.loading import load_experiment_model
 
     transformers.logging.set_verbosity_error()
@@ -53,7 +52,12 @@ def worker(batches_path: str, top_k: int, rounds: int) -> None:
     state = initial_global_state(loaded.model, config)
     settings = ClientSettings.from_config(config, round=0)
     settings = dataclasses.replace(settings, local_steps=len(batches) + 1)
-    method = MethodSettings.from_config(config)
+    try:  # the method as the tree under test builds it (ubsmoe.methods since issue 13)
+        method = config.method_instance()
+    except AttributeError:  # an older commit: its MethodSettings
+        from ubsmoe.fl.methods import MethodSettings
+
+        method = MethodSettings.from_config(config)
     means = []
     for r in range(rounds + 1):  # round 0 warms up
         stamps: list[float] = []

@@ -55,8 +55,8 @@ from torch import nn
 
 import ubsmoe.fl.client as client_module
 from ubsmoe.fl.client import ClientSettings, client_update, round_lr
-from ubsmoe.fl.methods import MethodSettings
 from ubsmoe.fl.simulation import client_batches
+from ubsmoe.methods import Method
 from ubsmoe.metrics.flops import ModelDims, flops_per_token
 from ubsmoe.models.answer_loss import AnswerLoss, answer_loss, split_causal_lm
 
@@ -153,7 +153,7 @@ def ubsmoe_round(
     model: nn.Module,
     global_state: Any,
     settings: ClientSettings,
-    method: MethodSettings,
+    method: Method,
     top_k: int,
     batches: Sequence[dict[str, torch.Tensor]],
     full_logits: bool = False,
@@ -248,7 +248,7 @@ def contenders(
     from ubsmoe.fl.experiment import initial_global_state
 
     settings = ClientSettings.from_config(config, round=0)
-    method = MethodSettings.from_config(config)
+    method = config.method_instance()
     state = initial_global_state(model, config)
     k_max = max(ks)
     runs: dict[str, Callable[[], dict[str, Any]]] = {}

@@ -1,22 +1,21 @@
 import pytest
 import torch
 
-from ubsmoe.fl.aggregation.a3smoe import a3smoe_aggregate, activation_aware_weights
-from ubsmoe.fl.aggregation.flexlora import flexlora_aggregate, flexlora_full_update, svd_factors
-from ubsmoe.fl.aggregation.flora import flora_stack, merge_into
-from ubsmoe.fl.aggregation.florist import energy_rank, florist_aggregate
-from ubsmoe.fl.aggregation.hetlora import (
+from ubsmoe.methods.a3smoe import a3smoe_aggregate, activation_aware_weights
+from ubsmoe.methods.flexlora import flexlora_full_update, svd_factors
+from ubsmoe.methods.flora import flora_stack, merge_into
+from ubsmoe.methods.florist import energy_rank, florist_aggregate
+from ubsmoe.methods.hetlora import (
     hetlora_aggregate,
     hetlora_weights,
     prune_rank,
     self_pruning_penalty,
-    truncate,
     zero_pad,
 )
-from ubsmoe.fl.aggregation.lora_factors import (
+from ubsmoe.methods.lora import (
     check_factors,
-    lora_product,
     product_frobenius_norm,
+    rank_sliced,
     weighted_product_sum,
 )
 
@@ -44,9 +43,8 @@ def best_rank(delta, r):
 # --- shared helpers ---
 
 
-def test_lora_product_and_product_norm():
+def test_product_norm():
     A, B = torch.randn(M, 3, IN, dtype=torch.float64), torch.randn(M, OUT, 3, dtype=torch.float64)
-    torch.testing.assert_close(lora_product(A, B, 0.5), 0.5 * torch.bmm(B, A))
     torch.testing.assert_close(product_frobenius_norm(A, B), torch.linalg.matrix_norm(B @ A))
 
 
@@ -62,7 +60,7 @@ def test_check_factors_errors():
     with pytest.raises(ValueError, match="only the rank may differ"):
         check_factors([As[0], torch.randn(M, 2, IN + 1)], [Bs[0], torch.randn(M, OUT, 2)])
     with pytest.raises(ValueError, match="leading"):
-        lora_product(torch.randn(2, 3, IN), torch.randn(3, OUT, 3))
+        check_factors([torch.randn(2, 3, IN)], [torch.randn(3, OUT, 3)])
     with pytest.raises(ValueError, match="one weight per client"):
         weighted_product_sum(As, Bs, 1.0, [1.0])
     with pytest.raises(ValueError, match="one scaling per client"):
@@ -92,19 +90,20 @@ def test_flexlora_full_update_and_full_rank_is_exact():
     As, Bs = clients()
     scalings, weights = [ALPHA / r for r in RANKS], [1, 2, 3]
     expected = reference_sum(As, Bs, scalings, weights)
-    torch.testing.assert_close(flexlora_full_update(As, Bs, scalings, weights), expected)
-    full = min(OUT, IN)
-    delta, factors = flexlora_aggregate(As, Bs, scalings, weights, ranks=[full] * 3)
+    delta = flexlora_full_update(As, Bs, scalings, weights)
     torch.testing.assert_close(delta, expected)
-    for (A, B), s in zip(factors, scalings, strict=True):
+    full = min(OUT, IN)
+    for s in scalings:
+        A, B = svd_factors(delta, full, s)
         torch.testing.assert_close(s * B @ A, expected)
 
 
 def test_flexlora_client_factors_are_the_best_rank_r_approximation():
     As, Bs = clients()
     scalings, weights = [ALPHA / r for r in RANKS], [1, 1, 2]
-    delta, factors = flexlora_aggregate(As, Bs, scalings, weights)
-    for (A, B), s, r in zip(factors, scalings, RANKS, strict=True):
+    delta = flexlora_full_update(As, Bs, scalings, weights)
+    for s, r in zip(scalings, RANKS, strict=True):
+        A, B = svd_factors(delta, r, s)
         assert A.shape == (M, r, IN) and B.shape == (M, OUT, r)
         torch.testing.assert_close(s * B @ A, best_rank(delta, r))
         # the singular values are split symmetrically: sqrt(s) B and sqrt(s) A^T have equal column norms
@@ -165,19 +164,17 @@ def test_energy_rank_per_slice():
 # --- HetLoRA ---
 
 
-def test_zero_pad_preserves_the_product_and_truncate_keeps_the_first_components():
+def test_zero_pad_preserves_the_product_and_rank_slicing_keeps_the_first_components():
     A, B = torch.randn(M, 3, IN, dtype=torch.float64), torch.randn(M, OUT, 3, dtype=torch.float64)
     A_pad, B_pad = zero_pad(A, B, 5)
     assert A_pad.shape == (M, 5, IN) and B_pad.shape == (M, OUT, 5)
     torch.testing.assert_close(B_pad @ A_pad, B @ A)
-    A_t, B_t = truncate(A_pad, B_pad, 2)
+    sliced = rank_sliced({"x.lora_A.up": A_pad, "x.lora_B.up": B_pad, "router": A}, 2)
+    A_t, B_t = sliced["x.lora_A.up"], sliced["x.lora_B.up"]
     torch.testing.assert_close(A_t, A[:, :2])
     torch.testing.assert_close(B_t, B[..., :2])
     torch.testing.assert_close(B_t @ A_t, B[..., :2] @ A[:, :2])
-    A_t[0, 0, 0] = 123.0
-    assert A_pad[0, 0, 0] != 123.0  # fresh tensors, no aliasing
-    with pytest.raises(ValueError, match="rank must be in"):
-        truncate(A, B, 4)
+    assert sliced["router"] is A  # tensors outside a LoRA pair pass through
     with pytest.raises(ValueError, match="zero-pad"):
         zero_pad(A, B, 2)
 
@@ -223,10 +220,16 @@ def test_self_pruning_penalty_and_prune_rank():
         self_pruning_penalty(A, B, rank=4, gamma=0.0)
     A_small = A.detach().clone()
     A_small[:, 2:] *= 1e-6
-    assert prune_rank(A_small, B, rank=4, gamma=0.5, threshold=1e-3) == 2
-    assert prune_rank(A.detach(), B, rank=4, gamma=0.5, threshold=1e-3) == 4
-    assert prune_rank(A_small, B, rank=4, gamma=0.1, threshold=1e-3, min_rank=1) == 4  # tail would be everything
-    assert prune_rank(A_small[:, :2], B[..., :2], rank=2, gamma=0.5, threshold=1e9, min_rank=2) == 2
+    # the rule is relative: the tail's share of the components' total size, over every pair together
+    assert prune_rank([(A_small, B)], rank=4, gamma=0.5, ratio=0.05) == 2
+    assert prune_rank([(A.detach(), B)], rank=4, gamma=0.5, ratio=0.05) == 4
+    assert prune_rank([(A_small, B), (A.detach(), B)], rank=4, gamma=0.5, ratio=0.05) == 4  # one big tail
+    assert prune_rank([(100 * A_small, B)], rank=4, gamma=0.5, ratio=0.05) == 2  # the scale does not matter
+    assert prune_rank([(A_small, B)], rank=4, gamma=0.1, ratio=0.05) == 4  # tail from max(floor(0.4), 1) = 1
+    assert prune_rank([(A_small[:, :2], B[..., :2])], rank=2, gamma=0.5, ratio=1.0, min_rank=2) == 2
+    assert prune_rank([(torch.zeros_like(A_small), B)], rank=4, gamma=0.5, ratio=0.05) == 4  # nothing learned yet
+    with pytest.raises(ValueError, match="ratio"):
+        prune_rank([(A_small, B)], rank=4, gamma=0.5, ratio=1.5)
 
 
 # --- A3SMoE ---

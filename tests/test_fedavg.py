@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ubsmoe.fl.aggregation import fedavg
+from ubsmoe.methods.fedavg import fedavg
 
 
 def test_fedavg_is_the_weighted_mean():

@@ -15,21 +15,24 @@ pytest.importorskip("transformers")
 
 from test_run import QUICK, _lines, write_experiment  # noqa: E402
 
-from ubsmoe.config import METHODS  # noqa: E402
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from ubsmoe.fl.experiment import Reporter, run_experiment  # noqa: E402
-from ubsmoe.fl.methods import (  # noqa: E402
-    BaseMerger,
-    MethodSettings,
-    aggregate_adapters,
-    client_start,
-    lora_pairs,
-    tier_view,
-)
 from ubsmoe.fl.payload import ClientUpdate, GlobalState  # noqa: E402
+from ubsmoe.methods import BUILTIN_METHODS, method_class  # noqa: E402
+from ubsmoe.methods.flora import BaseMerger  # noqa: E402
+from ubsmoe.methods.lora import lora_pairs  # noqa: E402
 
 M, OUT, IN, R = 3, 5, 4, 4
 KEY_A, KEY_B = "layers.0.mlp.lora.lora_A.gate", "layers.0.mlp.lora.lora_B.gate"
+
+
+def _method(name, **options):
+    return method_class(name)(**options)
+
+
+def _aggregate(method, state, updates):
+    result = method.aggregate(state, updates)
+    return result.adapters, result.method_state, result.report
 
 
 def _state(seed: int = 0, **method_state) -> GlobalState:
@@ -39,7 +42,7 @@ def _state(seed: int = 0, **method_state) -> GlobalState:
 
 
 def _update(settings, state, client, rank, seed, num_examples=10, counts=None):
-    start = client_start(settings, state, rank, client).adapters
+    start = settings.client_start(state, rank, client).adapters
     g = torch.Generator().manual_seed(seed)
     final = {k: v + torch.randn(v.shape, generator=g) for k, v in start.items()}
     final[KEY_A][:, rank:, :] = 0
@@ -60,22 +63,22 @@ def _update(settings, state, client, rank, seed, num_examples=10, counts=None):
 def test_rank_clients_start_from_their_first_components():
     state = _state()
     for name in ("hetlora", "flexlora"):
-        start = client_start(MethodSettings(name=name), state, 2, client=0).adapters
+        start = _method(name).client_start(state, 2, client=0).adapters
         assert torch.equal(start[KEY_A][:, :2], state.adapters[KEY_A][:, :2])
         assert not start[KEY_A][:, 2:].any() and not start[KEY_B][:, :, 2:].any()
-    fresh = client_start(MethodSettings(name="flora"), state, 2, client=0).adapters
+    fresh = _method("flora").client_start(state, 2, client=0).adapters
     assert not fresh[KEY_B].any() and fresh[KEY_A][:, :2].any() and not fresh[KEY_A][:, 2:].any()
-    again = client_start(MethodSettings(name="flora"), state, 2, client=0).adapters
-    other = client_start(MethodSettings(name="flora"), state, 2, client=1).adapters
+    again = _method("flora").client_start(state, 2, client=0).adapters
+    other = _method("flora").client_start(state, 2, client=1).adapters
     assert torch.equal(fresh[KEY_A], again[KEY_A]) and not torch.equal(fresh[KEY_A], other[KEY_A])
 
 
 def test_flexlora_keeps_the_top_svd_of_the_weighted_full_update():
-    settings = MethodSettings(name="flexlora", scaling=0.5)
+    settings = _method("flexlora", scaling=0.5)
     state = _state()
     u1, f1 = _update(settings, state, 0, 2, seed=1, num_examples=10)
     u2, f2 = _update(settings, state, 1, 4, seed=2, num_examples=30)
-    adapters, _, _ = aggregate_adapters(settings, state, [u1, u2])
+    adapters, _, _ = _aggregate(settings, state, [u1, u2])
     full = 0.25 * 0.5 * f1[KEY_B] @ f1[KEY_A] + 0.75 * 0.5 * f2[KEY_B] @ f2[KEY_A]
     U, S, Vh = torch.linalg.svd(full.double())
     best = (U[..., :R] * S[..., None, :R]) @ Vh[..., :R, :]
@@ -84,12 +87,12 @@ def test_flexlora_keeps_the_top_svd_of_the_weighted_full_update():
 
 
 def test_hetlora_zero_pads_and_weights_by_the_product_norm():
-    settings = MethodSettings(name="hetlora")
+    settings = _method("hetlora")
     state = _state(ranks=torch.tensor([2, 4]))
     u1, f1 = _update(settings, state, 0, 2, seed=1)
     u2, f2 = _update(settings, state, 1, 4, seed=2)
     u2.metrics["next_rank"] = 2.0
-    adapters, method_state, report = aggregate_adapters(settings, state, [u1, u2])
+    adapters, method_state, report = _aggregate(settings, state, [u1, u2])
     n1 = (f1[KEY_B] @ f1[KEY_A]).flatten(1).norm(dim=1)
     n2 = (f2[KEY_B] @ f2[KEY_A]).flatten(1).norm(dim=1)
     w1 = (n1 / (n1 + n2))[:, None, None]
@@ -99,11 +102,11 @@ def test_hetlora_zero_pads_and_weights_by_the_product_norm():
 
 @pytest.mark.parametrize("name", ["flora", "florist"])
 def test_flora_and_florist_merge_the_exact_weighted_sum(name):
-    settings = MethodSettings(name=name, scaling=0.5, florist_energy=1.0)
+    settings = _method(name, scaling=0.5, **({"energy": 1.0} if name == "florist" else {}))
     state = _state()
     u1, f1 = _update(settings, state, 0, 2, seed=1, num_examples=10)
     u2, f2 = _update(settings, state, 1, 4, seed=2, num_examples=30)
-    adapters, method_state, _ = aggregate_adapters(settings, state, [u1, u2])
+    adapters, method_state, _ = _aggregate(settings, state, [u1, u2])
     assert torch.equal(adapters[KEY_A], state.adapters[KEY_A])  # the global pair is not what carries the update
     merged = method_state[f"merged_B.{KEY_A}"] @ method_state[f"merged_A.{KEY_A}"]
     expected = 0.25 * 0.5 * f1[KEY_B] @ f1[KEY_A] + 0.75 * 0.5 * f2[KEY_B] @ f2[KEY_A]
@@ -111,29 +114,29 @@ def test_flora_and_florist_merge_the_exact_weighted_sum(name):
     # a second round appends to the accumulated factors
     state2 = GlobalState(adapters=adapters, phi=state.phi, round=3, method_state=method_state)
     u3, f3 = _update(settings, state2, 0, 2, seed=3)
-    _, method_state2, _ = aggregate_adapters(settings, state2, [u3])
+    _, method_state2, _ = _aggregate(settings, state2, [u3])
     merged2 = method_state2[f"merged_B.{KEY_A}"] @ method_state2[f"merged_A.{KEY_A}"]
     torch.testing.assert_close(merged2, expected + 0.5 * f3[KEY_B] @ f3[KEY_A], atol=1e-4, rtol=1e-4)
 
 
 def test_a3smoe_weights_each_expert_by_its_activation():
-    settings = MethodSettings(name="a3smoe", a3smoe_exponent=1.0)
+    settings = _method("a3smoe", exponent=1.0)
     state = _state()
     # client 0 never activates expert 2: expert 2 takes client 1's delta alone
     u1, f1 = _update(settings, state, 0, R, seed=1, counts=torch.tensor([[6, 6, 0]]))
     u2, f2 = _update(settings, state, 1, R, seed=2, counts=torch.tensor([[4, 4, 4]]))
-    adapters, _, _ = aggregate_adapters(settings, state, [u1, u2])
+    adapters, _, _ = _aggregate(settings, state, [u1, u2])
     torch.testing.assert_close(adapters[KEY_A][2], f2[KEY_A][2])
     torch.testing.assert_close(adapters[KEY_A][0], (0.5 * f1[KEY_A][0] + (1 / 3) * f2[KEY_A][0]) / (0.5 + 1 / 3))
 
 
 def test_tier_views():
     state = _state(**{"local.0.x.output_scale": torch.tensor(2.0), "local.1.x.output_scale": torch.tensor(4.0)})
-    view = tier_view(MethodSettings(name="a3smoe"), state, R, clients=[0, 1])
+    view = _method("a3smoe").tier_view(state, R, clients=[0, 1])
     assert float(view.method_state["x.output_scale"]) == 3.0
-    merged = tier_view(MethodSettings(name="flora"), state, 2, clients=[0])
+    merged = _method("flora").tier_view(state, 2, clients=[0])
     assert not merged.adapters[KEY_B].any()
-    truncated = tier_view(MethodSettings(name="hetlora"), state, 2, clients=[0])
+    truncated = _method("hetlora").tier_view(state, 2, clients=[0])
     assert not truncated.adapters[KEY_A][:, 2:].any() and truncated.adapters[KEY_A][:, :2].any()
 
 
@@ -151,7 +154,7 @@ def _run(setup, method, *extra, reporter=None, out=None):
     return run_experiment(config, out, reporter=reporter), out
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", BUILTIN_METHODS)
 def test_every_method_runs(setup, method):
     summary, out = _run(setup, method)
     tiers = summary["tiers"]

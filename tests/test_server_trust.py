@@ -20,9 +20,9 @@ pytest.importorskip("transformers")
 from test_fl_core import NUM_EXPERTS, NUM_LAYERS, good_updates, synthetic_state, synthetic_update  # noqa: E402
 
 import ubsmoe.fl.simulation as simulation  # noqa: E402
-from ubsmoe.fl.methods import MethodSettings  # noqa: E402
 from ubsmoe.fl.payload import GlobalState, global_state_from_model, phi_range  # noqa: E402
 from ubsmoe.fl.server import Assignment, aggregate_round, screen_updates, validate_update  # noqa: E402
+from ubsmoe.methods.hetlora import HetLoRA  # noqa: E402
 
 ASSIGNED = {"c0": Assignment(top_k=1), "c1": Assignment(top_k=2), "c2": Assignment(top_k=4)}
 """What good_updates' clients were assigned (their K_c)."""
@@ -152,7 +152,7 @@ def test_a_rank_method_client_must_report_the_rank_it_was_assigned():
     state = GlobalState(adapters=adapters, phi=torch.zeros(NUM_LAYERS, NUM_EXPERTS))
     update = synthetic_update(state, 0, 10, 1, 0)
     update.rank = 3
-    method = MethodSettings(name="hetlora")
+    method = HetLoRA()
     assert validate_update(update, state, method=method, assignment=Assignment(top_k=1, rank=3)) is None
     reason = validate_update(update, state, method=method, assignment=Assignment(top_k=1, rank=2))
     assert reason == "rank = 3, but the server assigned this client rank 2"

@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.methods.registry import is_method_name, method_names
 
 __all__ = ["NP_VARIANTS", "method_labels", "run_comparison", "variant_config"]
 
@@ -47,10 +48,12 @@ def method_labels(text: str) -> list[str]:
     labels = [part.strip() for part in text.split(",") if part.strip()]
     if not labels:
         raise ConfigError("--methods is empty; give e.g. --methods ubsmoe,smoe-naive")
-    known = (*METHODS, *NP_VARIANTS)
-    unknown = [label for label in labels if label not in known]
+    unknown = [label for label in labels if label not in NP_VARIANTS and not is_method_name(label)]
     if unknown:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        known = (*method_names(), *NP_VARIANTS)
+        raise ConfigError(
+            f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)} (or a 'package.module:Class' path)"
+        )
     if len(set(labels)) != len(labels):
         raise ConfigError("--methods names a method twice")
     return labels

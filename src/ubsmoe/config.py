@@ -17,12 +17,15 @@ message has one line per problem naming the dotted field, the offending value an
 Checks that need the loaded model (K_max of a native MoE, its expert count, the number of training
 examples) run later through `ExperimentConfig.check_against_model`, which raises the same kind of error.
 
-How `method` relates to the switches: the `dmr.enabled` / `pseudo_gradient.enabled` flags and
-`dmr.range_lambda` are the UB-SMoE settings; a method that is not UB-SMoE (or an ablation) switches
-the corresponding part off, whatever the flag says (`ubsmoe-no-dmr` -> DMR off, `ubsmoe-no-reg` ->
-range_lambda 0, `smoe-naive` -> DMR and PG off ...). `ExperimentConfig.ubsmoe_config()` applies this.
+`method` names a method of `ubsmoe.methods` (a built-in name, a registered one, or a
+`package.module:Class` path; `method_options` holds an external method's hyper-parameters). How it
+relates to the switches: the `dmr.enabled` / `pseudo_gradient.enabled` flags and `dmr.range_lambda`
+are the UB-SMoE settings; a method whose class does not use a mechanism (`Method.uses_dmr`, ...)
+switches it off, whatever the flag says (`ubsmoe-no-dmr` -> DMR off, `ubsmoe-no-reg` -> range_lambda
+0, `smoe-naive` -> DMR and PG off ...). `ExperimentConfig.ubsmoe_config()` applies this.
 
-This module imports neither torch nor transformers; the builders of the layer configs import them lazily.
+This module imports neither torch nor transformers; the builders of the layer configs and the
+method's semantics (`method_class`, the method modules import torch) import them lazily.
 """
 
 from __future__ import annotations
@@ -49,14 +52,11 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
+    from ubsmoe.methods import Method
     from ubsmoe.models.moefication import MoEficationConfig
     from ubsmoe.moe.config import UBSMoEConfig
 
 __all__ = [
-    "ABLATION_METHODS",
-    "BASELINE_METHODS",
-    "METHODS",
-    "RANK_METHODS",
     "ConfigError",
     "ExperimentConfig",
     "load_config",
@@ -65,29 +65,6 @@ __all__ = [
 ]
 
 # ---- vocabulary --------------------------------------------------------------------------------
-UBSMOE_METHOD = "ubsmoe"
-ABLATION_METHODS = ("ubsmoe-no-dmr", "ubsmoe-no-pg", "ubsmoe-no-reg")
-RANK_METHODS = ("fedit", "hetlora", "flexlora", "flora", "florist")
-"""Heterogeneous-LoRA-rank baselines (and FedIT): every client runs at K_max; rank tiers follow the budgets."""
-SMOE_METHODS = ("smoe-naive", "smoe-llb", "a3smoe")
-"""Sparse-MoE baselines: heterogeneous K_c, plain Top-K routing (no DMR, no PG)."""
-BASELINE_METHODS = RANK_METHODS + SMOE_METHODS
-METHODS = (UBSMOE_METHOD, *ABLATION_METHODS, *BASELINE_METHODS)
-
-MethodName = Literal[
-    "ubsmoe",
-    "ubsmoe-no-dmr",
-    "ubsmoe-no-pg",
-    "ubsmoe-no-reg",
-    "fedit",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "florist",
-    "smoe-naive",
-    "smoe-llb",
-    "a3smoe",
-]
 ExpertTarget = Literal["gate", "up", "down"]  # = ubsmoe.moe.config.LORA_TARGETS (a test keeps them equal)
 RhoForm = Literal["complement", "inverse"]  # = ubsmoe.moe.config.RHO_FORMS
 Implementation = Literal["auto", "grouped_mm", "eager"]  # = ubsmoe.moe.config.IMPLEMENTATIONS
@@ -432,7 +409,12 @@ class OutputSection(_Section):
 class ExperimentConfig(_Section):
     """Everything one run needs. Defaults describe the embedded default experiment."""
 
-    method: MethodName = UBSMOE_METHOD
+    method: str = Field(
+        "ubsmoe", description="a method of ubsmoe.methods: built-in or registered name, or 'package.module:Class'"
+    )
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, description="hyper-parameters of a method defined outside the package"
+    )
     seed: int = Field(0, description="seeds the model's trainable parts, client sampling and training")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     model: ModelSection = Field(default_factory=ModelSection)
@@ -445,6 +427,19 @@ class ExperimentConfig(_Section):
     baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from ubsmoe.methods.registry import is_method_name
+
+        if not is_method_name(value):
+            from ubsmoe.methods.registry import method_names
+
+            raise ValueError(
+                f"unknown; choose one of {', '.join(method_names())} or give a 'package.module:Class' path"
+            )
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -488,10 +483,28 @@ class ExperimentConfig(_Section):
     def num_clients(self) -> int:
         return sum(t.clients for t in self.moe.tiers)
 
+    def method_class(self) -> type[Method]:
+        """The class of `method` (`ubsmoe.methods.method_class`); ConfigError when it cannot be found."""
+        from ubsmoe.methods import UnknownMethodError, method_class
+
+        try:
+            return method_class(self.method)
+        except UnknownMethodError as error:
+            raise ConfigError(f"method = {_show(self.method)}: {error}") from None
+
+    def method_instance(self) -> Method:
+        """The method a run uses, with its hyper-parameters (ConfigError names what is wrong with them)."""
+        from ubsmoe.methods import MethodOptionsError
+
+        try:
+            return self.method_class().from_config(self)
+        except (MethodOptionsError, TypeError) as error:
+            raise ConfigError(f"method_options = {_show(self.method_options)}: {error}") from None
+
     @property
-    def is_rank_method(self) -> bool:
-        """FedIT and the heterogeneous-rank baselines: every client at K_max, budgets set the LoRA rank."""
-        return self.method in RANK_METHODS
+    def budgets_set_top_k(self) -> bool:
+        """Whether K_c follows the budgets (else every client runs at K_max and tiers are rank tiers or labels)."""
+        return self.method_class().top_k_from_budget
 
     def client_budgets(self) -> list[float]:
         """beta_c of every client, tiers expanded in order (client ids 0 .. num_clients - 1)."""
@@ -502,30 +515,33 @@ class ExperimentConfig(_Section):
         return [i for i, t in enumerate(self.moe.tiers) for _ in range(t.clients)]
 
     def client_top_ks(self, k_max: int) -> list[int]:
-        """K_c of every client: max(1, floor(K_max * beta_c)); K_max for everyone under rank methods."""
+        """K_c of every client: max(1, floor(K_max * beta_c)), or K_max for everyone when the method's
+        budgets do not set K (FedIT, the rank baselines)."""
         if k_max < 1:
             raise ConfigError(f"K_max = {k_max}: must be an integer >= 1")
-        if self.is_rank_method:
+        if not self.budgets_set_top_k:
             return [k_max] * self.num_clients
         return [max(1, math.floor(k_max * b + 1e-9)) for b in self.client_budgets()]
 
     def client_ranks(self) -> list[int]:
-        """LoRA rank of every client: max(1, round(rank * beta_c)) under HetLoRA/FlexLoRA/FLoRA/FLoRIST, else rank."""
-        if self.method in RANK_METHODS and self.method != "fedit":
+        """LoRA rank of every client: max(1, round(rank * beta_c)) when the method's budgets set the rank
+        (HetLoRA, FlexLoRA, FLoRA, FLoRIST), else rank."""
+        if self.method_class().rank_from_budget:
             return [max(1, round(self.lora.rank * b)) for b in self.client_budgets()]
         return [self.lora.rank] * self.num_clients
 
     @property
     def dmr_active(self) -> bool:
-        return self.dmr.enabled and self.method in (UBSMOE_METHOD, "ubsmoe-no-pg", "ubsmoe-no-reg")
+        return self.dmr.enabled and self.method_class().uses_dmr
 
     @property
     def pseudo_gradient_active(self) -> bool:
-        return self.pseudo_gradient.enabled and self.method in (UBSMOE_METHOD, "ubsmoe-no-dmr", "ubsmoe-no-reg")
+        return self.pseudo_gradient.enabled and self.method_class().uses_pseudo_gradient
 
     @property
     def range_lambda(self) -> float:
-        return 0.0 if self.method == "ubsmoe-no-reg" or not self.dmr_active else self.dmr.range_lambda
+        uses = self.dmr_active and self.method_class().uses_range_regulariser
+        return self.dmr.range_lambda if uses else 0.0
 
     def check_against_model(self, k_max: int, num_experts: int, num_examples: int | None = None) -> None:
         """Checks that need the loaded model and data; raises ConfigError naming the field.
@@ -584,8 +600,7 @@ class ExperimentConfig(_Section):
             pg_rho_form=self.pseudo_gradient.rho_form,
             implementation=self.moe.implementation,
             lora_projection=self.moe.lora_projection,
-            load_balance_coef=self.baselines.load_balance_coef if self.method == "smoe-llb" else 0.0,
-            output_rescale=self.method == "a3smoe",
+            **self.method_class().block_options(self),
         )
 
     def moefication_config(self) -> MoEficationConfig:

@@ -4,7 +4,7 @@ Layout: `<directory>/round_XXXX/` holds the global state after XXXX completed ro
 `GlobalState.round` is XXXX, the 0-based index of the next round):
 
 - `state.safetensors`: the adapters (keys `adapters.<module path>`), phi (key `phi`) and a baseline's
-  method state (keys `method.<name>`, see `ubsmoe.fl.methods`);
+  method state (keys `method.<name>`, see `ubsmoe.methods`);
 - `meta.json`: format, round, the SHA-256 and size of `state.safetensors`, the RNG states of torch,
   Python `random` and numpy (JSON data; `restore_rng_states` puts them back) and the caller's `extra`.
 

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from ubsmoe.fl.methods import MethodSettings, next_rank, rank_penalty, zero_tail
 from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state, local_parameters
 from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.moe import (
@@ -55,6 +54,7 @@ from ubsmoe.moe import (
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
+    from ubsmoe.methods import Method
 
 __all__ = ["ClientSettings", "client_update", "round_lr"]
 
@@ -178,18 +178,22 @@ def client_update(
     *,
     num_examples: int | None = None,
     on_step: Callable[[int], None] | None = None,
-    method: MethodSettings | None = None,
+    method: Method | None = None,
     rank: int | None = None,
 ) -> ClientUpdate:
     """Train `model` from `global_state` for one local round at K_c = `top_k`; see the module docstring.
 
-    `on_step(n)` is called after the n-th local step (for progress bars). Baselines (`method`): the
-    client's `local_state` (A3SMoE's output scales) comes in through `global_state.method_state` (ones
-    when absent) and goes back in `ClientUpdate.local_state`; a rank method keeps the components past
-    `rank` at zero, adds HetLoRA's self-pruning penalty and reports HetLoRA's `next_rank`. SMoE-LLB's
-    load-balancing loss comes from the blocks (`balance_loss`).
+    `on_step(n)` is called after the n-th local step (for progress bars). The method (`ubsmoe.methods`;
+    default the base method, which adds nothing) contributes its `extra_loss`, its `after_step` and its
+    `client_report`; `rank` is the LoRA rank the server assigned (None: the full rank). The client's
+    local tensors (A3SMoE's output scales) come in through `global_state.method_state` (ones when
+    absent) and go back in `ClientUpdate.local_state`. A block's own loss (SMoE-LLB's load balancing)
+    comes from the blocks (`balance_loss`).
     """
-    method = method or MethodSettings()
+    if method is None:
+        from ubsmoe.methods.base import Method
+
+        method = Method()
     if not isinstance(settings, ClientSettings):
         settings = ClientSettings.from_config(settings)
     round_index = global_state.round if settings.round is None else settings.round
@@ -200,7 +204,6 @@ def client_update(
     with torch.no_grad():
         for key, parameter in local.items():
             parameter.copy_(global_state.method_state.get(key, torch.ones_like(parameter)))
-    rank = rank if method.uses_ranks else None
     set_top_k(model, top_k)
     reset_utilization(model)
     was_training = model.training
@@ -233,17 +236,16 @@ def client_update(
             mask = mask.to(device) if isinstance(mask, torch.Tensor) else None
             lm_loss = answer_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), mask).loss
             loss = lm_loss + range_loss(model).to(lm_loss.device) + balance_loss(model).to(lm_loss.device)
-            penalty = rank_penalty(method, adapters, rank) if rank is not None else None
-            if penalty is not None:
-                loss = loss + penalty
+            extra = method.extra_loss(adapters, rank, global_state.adapters)
+            if extra is not None:
+                loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             apply_pseudo_gradients(model)
             if settings.grad_clip is not None and parameters:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
             optimizer.step()
-            if rank is not None:
-                zero_tail(adapters, rank)
+            method.after_step(adapters, rank)
             losses.append(float(loss.detach()))
             lm_losses.append(float(lm_loss.detach()))
             if on_step is not None:
@@ -276,8 +278,7 @@ def client_update(
     }
     if rank is not None:
         metrics["rank"] = float(rank)
-        if method.name == "hetlora":
-            metrics["next_rank"] = float(next_rank(method, adapters, rank))
+    metrics.update(method.client_report(adapters, rank))
     return ClientUpdate(
         client_id=client_id,
         adapter_deltas=deltas,

@@ -43,10 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ubsmoe.config import METHODS, ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
 from ubsmoe.data.federated import DataError, FederatedData, federated_data
 from ubsmoe.data.prompts import collate, pad_token_id
-from ubsmoe.fl.methods import MethodSettings, client_rank, tier_view
 from ubsmoe.fl.outdir import (
     RUN_LOG,
     RUN_MARKER,
@@ -272,7 +271,7 @@ def _answer_positions(example: dict[str, Any]) -> int:
 
 
 class TierEvaluator:
-    """Evaluates every tier at its K_c with the model its clients hold (`ubsmoe.fl.methods.tier_view`).
+    """Evaluates every tier at its K_c with the model its clients hold (`Method.tier_view`).
 
     K and the adapters are left at the last tier's; the simulation reloads the global state after it.
     """
@@ -287,7 +286,7 @@ class TierEvaluator:
             self.heldout = token_blocks(loaded.tokenizer, texts, 256, config.evaluation.heldout_tokens, config.seed)
         per_example = (lambda e: len(e.choices)) if config.evaluation.protocol == "loglik" else (lambda e: 1)
         self.units = sum(per_example(e) for examples in data.test.values() for e in examples)
-        self.method = MethodSettings.from_config(config)
+        self.method = config.method_instance()
 
     def __call__(self, model: nn.Module, round: int | None, state: GlobalState | None = None) -> dict[str, Any]:
         label = "before training" if round is None else f"after round {round + 1}"
@@ -295,9 +294,9 @@ class TierEvaluator:
         results = []
         try:
             for tier in self.tiers:
-                if state is not None and (self.method.uses_ranks or self.method.name == "a3smoe"):
-                    rank = client_rank(self.method, state, tier.clients[0], tier.rank)
-                    view = tier_view(self.method, state, rank, tier.clients)
+                if state is not None:
+                    rank = self.method.client_rank(state, tier.clients[0], tier.rank)
+                    view = self.method.tier_view(state, rank, tier.clients)
                     load_global_state(model, view)
                     _load_local(model, view)
                 set_top_k(model, tier.top_k)
@@ -345,11 +344,10 @@ def evaluation_due(config: ExperimentConfig, round: int) -> bool:
 
 
 def initial_global_state(model: nn.Module, config: ExperimentConfig) -> GlobalState:
-    from ubsmoe.fl.methods import initial_method_state
     from ubsmoe.fl.payload import global_state_from_model
 
     state = global_state_from_model(model)
-    state.method_state = initial_method_state(MethodSettings.from_config(config), config.client_ranks())
+    state.method_state = config.method_instance().initial_state(config.client_ranks())
     return state
 
 
@@ -362,8 +360,8 @@ def prepare_output(out_dir: str | os.PathLike[str], config: ExperimentConfig | N
     """
     out = Path(out_dir)
     saved = out / CONFIG_FILE
-    if config is not None and config.method not in METHODS:
-        raise ConfigError(f"method = {config.method!r}: unknown; choose one of {', '.join(METHODS)}")
+    if config is not None:
+        config.method_instance()  # the method's class and options, checked before anything is written
     if resume:
         if not out.is_dir():
             raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
@@ -451,6 +449,8 @@ def run_experiment(
     if resume and not out.is_dir():
         raise ConfigError(f"--resume {out}: {'not a folder' if out.exists() else 'no such folder'}")
     if not resume:  # before the lock file is made: a refused folder is left exactly as it was
+        if config is not None:
+            config.method_instance()  # an unknown method or option: one message, nothing written
         refuse_clashes(out)
     with lock_output(out, create=not resume):
         try:

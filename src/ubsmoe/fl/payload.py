@@ -13,7 +13,7 @@ The in-process simulation and the Flower apps send exactly these structures:
     the client's `phi` (L, M) after local training, its utilization `counts` (L, M) and `tokens` (L,)
     (DESIGN 2.2 step 6), `num_examples` (its FedAvg weight), its `top_k` (K_c) and `metrics`; for
     the rank baselines its LoRA `rank` (the deltas are then relative to the adapters it started from,
-    `ubsmoe.fl.methods.start_adapters`), and `local_state`, tensors the client keeps for itself
+    `Method.client_start`), and `local_state`, tensors the client keeps for itself
     (A3SMoE's output scales; the simulation stores them for it).
 
 Every tensor in a payload is a detached CPU copy: no payload shares storage with a model.

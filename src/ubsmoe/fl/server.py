@@ -6,8 +6,8 @@
   round knows (the `Assignment` the server gave each client: known senders, K_c, examples; who sent
   each update; one update per client).
 - `aggregate_round`: drop bad updates (with their reasons), clip the clients' phi to its range, FedAvg
-  of the adapter deltas weighted by num_examples (or a baseline's own rule,
-  `ubsmoe.fl.methods.aggregate_adapters`), DMR update of phi (or phi kept when DMR is off) and a
+  of the adapter deltas weighted by num_examples (or the method's own rule, `Method.aggregate`),
+  DMR update of phi (or phi kept when DMR is off) and a
   utilization report.
 
 The server trusts nothing a client claims that it can check (DESIGN 6): every tensor's keys, shapes,
@@ -24,13 +24,15 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ubsmoe.fl.methods import MethodSettings, aggregate_adapters
 from ubsmoe.fl.payload import ClientUpdate, GlobalState
 from ubsmoe.moe import dead_experts, dmr_update, global_utilization, utilization_cv
+
+if TYPE_CHECKING:
+    from ubsmoe.methods import Method
 
 __all__ = [
     "PHI_RANGE",
@@ -99,7 +101,7 @@ def validate_update(
     update: Any,
     global_state: GlobalState,
     max_norm: float | None = None,
-    method: MethodSettings | None = None,
+    method: Method | None = None,
     *,
     assignment: Assignment | None = None,
     phi_range: tuple[float, float] | None = PHI_RANGE,
@@ -112,10 +114,10 @@ def validate_update(
     """
     try:
         problem = _problem(update, global_state, max_norm, phi_range)
-        if problem is None and method is not None and method.uses_ranks:
-            problem = _rank_problem(update, global_state)
         if problem is None and assignment is not None:
-            problem = _assignment_problem(update, assignment, method)
+            problem = _assignment_problem(update, assignment)
+        if problem is None and method is not None:
+            problem = method.update_problem(update, global_state, assignment)
         return problem
     except Exception as error:  # a malformed payload must never crash the server
         return f"malformed update ({type(error).__name__}: {error})"
@@ -216,15 +218,7 @@ def _problem(
     return None
 
 
-def _rank_problem(update: ClientUpdate, state: GlobalState) -> str | None:
-    ranks = {int(v.shape[-2]) for k, v in state.adapters.items() if ".lora_A." in k}
-    r_max = max(ranks) if ranks else 0
-    if not _is_int(update.rank) or not 1 <= update.rank <= r_max:
-        return f"rank must be an integer in [1, {r_max}] for a rank method, got {update.rank!r}"
-    return None
-
-
-def _assignment_problem(update: ClientUpdate, assignment: Assignment, method: MethodSettings | None) -> str | None:
+def _assignment_problem(update: ClientUpdate, assignment: Assignment) -> str | None:
     if update.top_k != assignment.top_k:
         return f"top_k = {update.top_k}, but the server assigned this client K_c = {assignment.top_k}"
     if assignment.max_examples is not None and update.num_examples > assignment.max_examples:
@@ -232,8 +226,6 @@ def _assignment_problem(update: ClientUpdate, assignment: Assignment, method: Me
             f"num_examples = {update.num_examples} exceeds the {assignment.max_examples} example(s) this client can "
             "have trained on this round (its examples, at most local_steps * batch_size)"
         )
-    if method is not None and method.uses_ranks and assignment.rank is not None and update.rank != assignment.rank:
-        return f"rank = {update.rank!r}, but the server assigned this client rank {assignment.rank}"
     return None
 
 
@@ -245,7 +237,7 @@ def screen_updates(
     global_state: GlobalState,
     updates: Sequence[Any],
     max_norm: float | None = None,
-    method: MethodSettings | None = None,
+    method: Method | None = None,
     *,
     assignments: Mapping[Any, Assignment] | None = None,
     senders: Sequence[Any] | None = None,
@@ -290,7 +282,7 @@ def _screen(
     seen: dict[Any, int],
     state: GlobalState,
     max_norm: float | None,
-    method: MethodSettings | None,
+    method: Method | None,
     assignments: Mapping[Any, Assignment] | None,
     phi_range: tuple[float, float] | None,
 ) -> str | None:
@@ -335,7 +327,7 @@ def aggregate_round(
     max_norm: float | None = None,
     *,
     dmr: bool = True,
-    method: MethodSettings | None = None,
+    method: Method | None = None,
     assignments: Mapping[Any, Assignment] | None = None,
     senders: Sequence[Any] | None = None,
     phi_range: tuple[float, float] = PHI_RANGE,
@@ -345,7 +337,7 @@ def aggregate_round(
     Bad updates (see `screen_updates`: `validate_update`, and with `assignments` / `senders` unknown
     senders, impostors, duplicates and claims beyond the assignment) are dropped with their reason;
     the rest are aggregated: adapters = global + FedAvg(deltas; weights num_examples), or the rule of
-    `method` (a baseline, `ubsmoe.fl.methods`), which may also change `method_state`; phi =
+    `method` (`ubsmoe.methods`), which may also change `method_state`; phi =
     `dmr_update(...)` of the clients' phi clipped to `phi_range`, itself kept within `phi_range`, when
     `dmr`, else the global phi (the clients' phi is then not range-checked). With no valid update the
     adapters and phi stay as they were. The returned state's round is `global_state.round + 1` in both
@@ -404,7 +396,12 @@ def aggregate_round(
     weights = [float(u.num_examples) for u in accepted]
     total = sum(weights)
     if global_state.adapters:
-        adapters, method_state, method_report = aggregate_adapters(method or MethodSettings(), global_state, accepted)
+        if method is None:
+            from ubsmoe.methods.base import Method
+
+            method = Method()
+        result = method.aggregate(global_state, accepted)
+        adapters, method_state, method_report = result.adapters, result.method_state, result.report
     else:
         adapters, method_state, method_report = {}, dict(global_state.method_state), {}
     if dmr:

@@ -50,15 +50,6 @@ from torch import nn
 from ubsmoe.data.prompts import collate
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
 from ubsmoe.fl.client import ClientSettings, client_update
-from ubsmoe.fl.methods import (
-    BaseMerger,
-    MethodSettings,
-    client_rank,
-    client_start,
-    initial_method_state,
-    sent_tensors,
-    uploaded_tensors,
-)
 from ubsmoe.fl.payload import (
     ClientUpdate,
     GlobalState,
@@ -67,12 +58,14 @@ from ubsmoe.fl.payload import (
     load_global_state,
     phi_range,
 )
+from ubsmoe.fl.seeds import derive_seed
 from ubsmoe.fl.server import Assignment, aggregate_round, delta_norm, sample_clients, validate_update
 from ubsmoe.metrics.communication import payload_bytes
 from ubsmoe.paths import write_text_atomic
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
+    from ubsmoe.methods import Method
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -100,12 +93,6 @@ class SimulationRecords(list):
 
     resumed_from: int | None = None
     checkpoint: str | None = None
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from the parts (stable across processes and platforms, unlike `hash`)."""
-    text = ":".join(str(p) for p in ("ubsmoe-sim", *parts))
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") & ((1 << 63) - 1)
 
 
 def client_batches(
@@ -212,7 +199,7 @@ def run_fingerprint(
     run: dict[str, Any],
     max_norm: float | None,
     pad_id: int,
-    method: MethodSettings,
+    method: Method,
     client_ranks: Sequence[int],
 ) -> dict[str, Any]:
     data_hash = hashlib.sha256(json.dumps(_jsonable(list(client_data)), sort_keys=True).encode("utf-8")).hexdigest()
@@ -226,7 +213,7 @@ def run_fingerprint(
             **{k: v for k, v in run.items() if k != "rounds"},
             "max_norm": max_norm,
             "pad_id": pad_id,
-            "method": dataclasses.asdict(method),
+            "method": {"class": f"{type(method).__module__}:{type(method).__qualname__}", **dataclasses.asdict(method)},
             "client_ranks": list(client_ranks),
         }
     )
@@ -262,7 +249,7 @@ def _client_line(
     top_k: int,
     reason: str | None,
     state: GlobalState,
-    method: MethodSettings,
+    method: Method,
     rank: int | None,
 ) -> dict[str, Any]:
     metrics = getattr(update, "metrics", None)
@@ -273,10 +260,10 @@ def _client_line(
         "num_examples": getattr(update, "num_examples", None),
         "accepted": reason is None,
         "drop_reason": reason,
-        "download_bytes": payload_bytes(sent_tensors(method, state, rank), state.phi),
+        "download_bytes": payload_bytes(method.sent_tensors(state, rank), state.phi),
     }
     if isinstance(update, ClientUpdate):
-        line["upload_bytes"] = payload_bytes(uploaded_tensors(method, update), update.phi, update.counts, update.tokens)
+        line["upload_bytes"] = payload_bytes(method.uploaded_tensors(update), update.phi, update.counts, update.tokens)
     if reason is None:
         line["delta_norm"] = delta_norm(update.adapter_deltas)
     if isinstance(metrics, Mapping):
@@ -296,7 +283,7 @@ def round_outputs(
     top_ks: Sequence[int] | Mapping[int, int],
     start_state: GlobalState,
     report: Mapping[str, Any],
-    method: MethodSettings,
+    method: Method,
     ranks: Mapping[int, int | None],
     max_norm: float | None,
     eval_metrics: Mapping[str, Any],
@@ -397,7 +384,7 @@ def run_simulation(
     dmr: bool | None = None,
     max_norm: float | None = None,
     keep_checkpoints: int | None = None,
-    method: MethodSettings | None = None,
+    method: Method | None = None,
     client_ranks: Sequence[int] | None = None,
 ) -> SimulationRecords:
     """Run (or continue) a federated simulation on `model`; see the module docstring.
@@ -418,7 +405,7 @@ def run_simulation(
         pad_id: padding id for `collate` (default: model.config.pad_token_id, else 0).
         max_norm: drop updates whose delta norm exceeds it (`validate_update`).
         keep_checkpoints: keep only this many newest checkpoints (None = all).
-        method: the method's settings (`ubsmoe.fl.methods`); default from an ExperimentConfig, else UB-SMoE.
+        method: the method (`ubsmoe.methods`); default from an ExperimentConfig, else UB-SMoE.
         client_ranks: each client's LoRA rank under a rank method (default from an ExperimentConfig).
 
     Each round's updates are checked against what the round assigned each participant (its K_c and
@@ -435,11 +422,15 @@ def run_simulation(
     client_settings, run = resolve_run(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
     _check_inputs(client_data, client_top_ks, run)
     if method is None:
-        method = MethodSettings(seed=run["seed"]) if isinstance(settings, ClientSettings) else None
-        method = method or MethodSettings.from_config(settings)
+        if isinstance(settings, ClientSettings):
+            from ubsmoe.methods.ubsmoe import UBSMoE
+
+            method = UBSMoE(seed=run["seed"])
+        else:
+            method = settings.method_instance()
     if client_ranks is None:
         client_ranks = [0] * len(client_data) if isinstance(settings, ClientSettings) else settings.client_ranks()
-    merger = BaseMerger(model) if method.merges_into_base else None
+    merger = method.base_merger(model)
     if pad_id is None:
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
@@ -484,7 +475,7 @@ def run_simulation(
                 "pass resume=True to continue it, or use an empty output folder"
             )
         state = global_state_from_model(model, round=0)
-        state.method_state = initial_method_state(method, client_ranks)
+        state.method_state = method.initial_state(client_ranks)
         if metrics_path.exists():
             metrics_path.unlink()
 
@@ -498,7 +489,7 @@ def run_simulation(
         if on_round_start is not None:
             on_round_start(round_index, list(participants))
         updates = []
-        ranks = {c: client_rank(method, state, c, client_ranks[c]) if method.uses_ranks else None for c in participants}
+        ranks = {c: method.client_rank(state, c, client_ranks[c]) for c in participants}
         for client in participants:
             batches = client_batches(client_data[client], run["batch_size"], run_seed, round_index, client, pad_id)
             torch.manual_seed(derive_seed(run_seed, round_index, client))
@@ -508,7 +499,7 @@ def run_simulation(
                 def step_hook(step: int, _round: int = round_index, _client: int = client) -> None:
                     on_step(_round, _client, step)
 
-            start = client_start(method, state, ranks[client], client)
+            start = method.client_start(state, ranks[client], client)
             updates.append(
                 client_update(
                     model,

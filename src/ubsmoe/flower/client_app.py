@@ -5,7 +5,7 @@ Message handlers (the ServerApp of `ubsmoe.flower.server_app` sends these):
 - `query`: answers the node's client id and budget (`ubsmoe.flower.runtime.node_identity`: node-config
   `client-id` / `partition-id`, and `beta` when set);
 - `train`: one local round with `ubsmoe.fl.client.client_update`, from the start state the server sent
-  (already truncated / freshly drawn for the method by `ubsmoe.fl.methods.client_start`), with the
+  (already truncated / freshly drawn for the method by `Method.client_start`), with the
   same batches and torch seed as the in-process simulation (`client_batches`, `derive_seed(seed,
   round, client)`); replies with the `ClientUpdate` as records (`ubsmoe.flower.records`);
 - `evaluate`: the mean LM loss of the global model (the client's view of it) on the client's examples
@@ -14,7 +14,7 @@ Message handlers (the ServerApp of `ubsmoe.flower.server_app` sends these):
 A3SMoE's client-local output scales live in `context.state` (record `LOCAL_RECORD`): a client starts
 from them and stores its new ones there; the server never sends them down. They also go up inside the
 `ClientUpdate` (its `local_state`, as the core defines it), because the server's per-tier evaluation
-uses them (`ubsmoe.fl.methods.tier_view`).
+uses them (`Method.tier_view`).
 
 The model and data are loaded once per process and run (cached), not per message.
 """

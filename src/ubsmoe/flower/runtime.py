@@ -17,7 +17,7 @@ from ubsmoe.config import ExperimentConfig, Tier
 from ubsmoe.data.federated import FederatedData, federated_data
 from ubsmoe.data.prompts import pad_token_id
 from ubsmoe.fl.client import ClientSettings
-from ubsmoe.fl.methods import BaseMerger, MethodSettings
+from ubsmoe.methods import Method
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
 
 __all__ = [
@@ -51,10 +51,10 @@ class Runtime:
     loaded: LoadedModel
     data: FederatedData
     pad_id: int
-    method: MethodSettings
+    method: Method
     settings: ClientSettings
-    merger: BaseMerger | None
-    """FLoRA/FLoRIST: merges the server's accumulated factors into this model's frozen base."""
+    merger: Any | None
+    """`Method.base_merger` (FLoRA/FLoRIST): merges the server's accumulated factors into this model's frozen base."""
     key: str = ""
 
 
@@ -63,7 +63,7 @@ def load_runtime(config: ExperimentConfig) -> Runtime:
     loaded = load_experiment_model(config)
     data = federated_data(config.data, config.num_clients, loaded.tokenizer, config.evaluation.examples_per_task)
     config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
-    method = MethodSettings.from_config(config)
+    method = config.method_instance()
     return Runtime(
         config=config,
         loaded=loaded,
@@ -71,7 +71,7 @@ def load_runtime(config: ExperimentConfig) -> Runtime:
         pad_id=pad_token_id(loaded.tokenizer),
         method=method,
         settings=ClientSettings.from_config(config),
-        merger=BaseMerger(loaded.model) if method.merges_into_base else None,
+        merger=method.base_merger(loaded.model),
         key=hashlib.sha256(config_to_json(config).encode("utf-8")).hexdigest(),
     )
 

@@ -43,7 +43,6 @@ from flwr.serverapp.strategy import Strategy
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, TierEvaluator, evaluation_due, initial_global_state
-from ubsmoe.fl.methods import client_rank, client_start, tier_view
 from ubsmoe.fl.payload import GlobalState, load_global_state, phi_range
 from ubsmoe.fl.server import Assignment, aggregate_round, sample_clients
 from ubsmoe.fl.simulation import derive_seed, resolve_run, round_outputs, run_fingerprint, save_round
@@ -222,10 +221,7 @@ class UBSMoEStrategy(Strategy):
         self.state = dataclasses.replace(self.state, round=index)
         self._discover(grid)
         participants = sample_clients(self.client_ids, self.run["fraction"], index, self.run["seed"])
-        ranks = {
-            c: client_rank(self.method, self.state, c, self._node_rank(c)) if self.method.uses_ranks else None
-            for c in participants
-        }
+        ranks = {c: self.method.client_rank(self.state, c, self._node_rank(c)) for c in participants}
         current = _Round(index, started, list(participants), ranks, self.state, rejected=self._refusals)
         self._refusals = []
         messages = []
@@ -234,7 +230,7 @@ class UBSMoEStrategy(Strategy):
             if node is None:
                 current.missing[client] = "no connected SuperNode has this client id"
                 continue
-            start = client_start(self.method, self.state, ranks[client], client)
+            start = self.method.client_start(self.state, ranks[client], client)
             current.sent[client] = self._message(node, start, MessageType.TRAIN, index, ranks[client])
             messages.append(current.sent[client])
         self.current = current
@@ -243,11 +239,10 @@ class UBSMoEStrategy(Strategy):
         return messages
 
     def _message(self, node: _Node, state: GlobalState, kind: str, index: int, rank: int | None = None) -> Message:
-        """A train or evaluate message: `state`'s adapters and phi, FLoRA/FLoRIST's merges so far (A3SMoE's
-        local tensors stay on the client, in its context.state), and the run settings."""
-        state.method_state = {
-            k: v for k, v in self.state.method_state.items() if k.startswith(("merged_A.", "merged_B."))
-        }
+        """A train or evaluate message: `state`'s adapters and phi, the method state every client is sent
+        (`Method.sent_state`: FLoRA/FLoRIST's merges so far; A3SMoE's local tensors stay on the client, in
+        its context.state), and the run settings."""
+        state.method_state = self.method.sent_state(self.state)
         run = self._run_record(**{"client-id": node.client, "top-k": node.top_k})
         if rank is not None:
             run["rank"] = int(rank)
@@ -355,8 +350,8 @@ class UBSMoEStrategy(Strategy):
         messages = []
         for client in clients:
             node = self.nodes[client]
-            rank = client_rank(self.method, self.state, client, node.rank)
-            view = tier_view(self.method, self.state, rank, [client])
+            rank = self.method.client_rank(self.state, client, node.rank)
+            view = self.method.tier_view(self.state, rank, [client])
             messages.append(self._message(node, view, MessageType.EVALUATE, index))
         return messages
 
@@ -436,7 +431,7 @@ class UBSMoEStrategy(Strategy):
         log(
             INFO,
             "UBSMoEStrategy: method %s, %s clients, fraction %s, min-replies %s, round timeout %s s",
-            self.method.name,
+            self.config.method,
             len(self.client_ids),
             self.run["fraction"],
             self.min_replies,

@@ -96,7 +96,7 @@ def build_summary(
                 "tier": tier.index,
                 "budget": tier.budget,
                 "top_k": tier.top_k,  # K_max for every tier of a rank method
-                "rank": tier.rank if config.is_rank_method else None,
+                "rank": None if config.budgets_set_top_k else tier.rank,
                 "clients": list(tier.clients),
                 "accuracy": _tier_accuracy(final_entry),
                 "initial_accuracy": _tier_accuracy(initial_entry),
@@ -139,7 +139,7 @@ def build_summary(
             "tier": client_tier[c],
             "budget": config.client_budgets()[c],
             "top_k": top_ks[c],
-            "rank": ranks[c] if config.is_rank_method else None,
+            "rank": None if config.budgets_set_top_k else ranks[c],
             "num_examples": len(data.client_encoded[c]),
             "label_histogram": data.label_histograms[c],
             "task_histogram": data.task_histograms[c],

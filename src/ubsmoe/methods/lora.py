@@ -1,6 +1,10 @@
-"""Shared helpers for the federated LoRA baselines (HetLoRA, FlexLoRA, FLoRA, FLoRIST).
+"""LoRA pairs as the methods see them: the model's adapter keys, and the factor checks of the rank baselines.
 
-Conventions (the same as `ubsmoe.moe.experts.ExpertLoRA`): a LoRA pair is A of shape (..., r, in) and
+Layout: the expert LoRA of a block lives under `<block path>.lora.lora_A.<target>` and
+`<block path>.lora.lora_B.<target>`; `lora_pairs` finds the pairs, `zero_tail` / `rank_sliced` give a
+rank-r view, `layer_of` maps a key to its row of phi and of the utilization counts.
+
+Factor conventions (the same as `ubsmoe.moe.experts.ExpertLoRA`): a LoRA pair is A of shape (..., r, in) and
 B of shape (..., out, r), with any leading shape (e.g. (M,) for M experts), and the weight update it
 stands for is
 
@@ -12,17 +16,13 @@ Arithmetic runs in float64 and results come back in the dtype of the first clien
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ubsmoe.moe.dmr import normalized_weights
-
-
-def lora_product(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-    """delta W = scaling * B @ A for batched factors A (..., r, in) and B (..., out, r)."""
-    check_pair(A, B)
-    return scaling * (B @ A)
 
 
 def check_pair(A: torch.Tensor, B: torch.Tensor) -> int:
@@ -101,3 +101,65 @@ def product_frobenius_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     gram_b = B.transpose(-1, -2) @ B
     gram_a = A @ A.transpose(-1, -2)
     return (gram_b * gram_a).sum(dim=(-1, -2)).clamp_min(0.0).sqrt()
+
+
+# ---- the model's adapter keys ------------------------------------------------------------------
+_LORA_A, _LORA_B = ".lora_A.", ".lora_B."
+
+
+def lora_pairs(adapters: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(A key, B key) of every expert-LoRA pair, in the adapters' order."""
+    return [
+        (k, k.replace(_LORA_A, _LORA_B)) for k in adapters if _LORA_A in k and k.replace(_LORA_A, _LORA_B) in adapters
+    ]
+
+
+def non_lora_keys(adapters: Mapping[str, torch.Tensor]) -> list[str]:
+    """The adapter keys outside every LoRA pair (e.g. a trainable router), in the adapters' order."""
+    paired = {k for pair in lora_pairs(adapters) for k in pair}
+    return [k for k in adapters if k not in paired]
+
+
+def block_path(key: str) -> str:
+    """'model.layers.3.mlp.lora.lora_A.gate' -> 'model.layers.3.mlp' (the UB-SMoE block owning the LoRA)."""
+    return key.split(".lora.")[0]
+
+
+def _natural(path: str) -> list[Any]:
+    """Sort key that orders 'layers.2' before 'layers.10' (module order), whatever order the keys came in."""
+    return [int(part) if part.isdigit() else part for part in path.split(".")]
+
+
+def layer_of(adapters: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Layer index (row of phi and of the utilization counts) of every expert-LoRA key.
+
+    Blocks are numbered in module order, read from their paths, so a state read back from a checkpoint
+    (whose keys come sorted as text) maps the same way.
+    """
+    keys = [k for k in adapters if _LORA_A in k or _LORA_B in k]
+    blocks = sorted({block_path(k) for k in keys}, key=_natural)
+    index = {path: i for i, path in enumerate(blocks)}
+    return {k: index[block_path(k)] for k in keys}
+
+
+def zero_tail(adapters: Mapping[str, torch.Tensor], rank: int) -> None:
+    """Zero the components past `rank` of every expert-LoRA pair, in place (A rows, B columns)."""
+    with torch.no_grad():
+        for key_a, key_b in lora_pairs(adapters):
+            adapters[key_a][..., rank:, :].zero_()
+            adapters[key_b][..., rank:].zero_()
+
+
+def rank_sliced(adapters: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The adapters with every LoRA pair cut to its first `rank` components (views; other tensors as they are)."""
+    sliced = dict(adapters)
+    for key_a, key_b in lora_pairs(adapters):
+        sliced[key_a], sliced[key_b] = adapters[key_a][..., :rank, :], adapters[key_b][..., :rank]
+    return sliced
+
+
+def fresh_a(shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A freshly initialised LoRA A (Kaiming-uniform bound of ExpertLoRA), reproducible from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(shape[-1])
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)

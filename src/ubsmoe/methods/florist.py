@@ -23,11 +23,16 @@ slice gets its own energy rank and the returned rank is their maximum (so every 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ubsmoe.fl.aggregation.flora import flora_stack
-from ubsmoe.fl.aggregation.lora_factors import check_factors
+from ubsmoe.methods.flora import FLoRA, flora_stack
+from ubsmoe.methods.lora import check_factors
+
+if TYPE_CHECKING:
+    from ubsmoe.config import ExperimentConfig
 
 
 def energy_rank(singular_values: torch.Tensor, tau: float) -> torch.Tensor:
@@ -75,3 +80,27 @@ def florist_aggregate(
     A_g = root[..., :, None] * (Vh[..., :rank, :] @ Q_A.transpose(-1, -2))
     dtype = As[0].dtype
     return A_g.to(dtype), B_g.to(dtype), rank
+
+
+@dataclass(frozen=True)
+class FLoRIST(FLoRA):
+    """FLoRIST: as FLoRA, but each round's stack is compressed to one pair of the energy rank p before
+    the merge (our reading: clients then start fresh, as in FLoRA)."""
+
+    peft_export_refusal: ClassVar[str | None] = (
+        "FLoRIST merges every round's update into the frozen expert weights; its final adapters are "
+        "fresh (zero) and the learned update is not a LoRA on the original model"
+    )
+
+    energy: float = 0.9
+    """tau, the share of the update's energy the kept rank p must reach."""
+
+    @classmethod
+    def options(cls, config: ExperimentConfig) -> dict[str, Any]:
+        return {"energy": config.baselines.florist_energy}
+
+    def compress(
+        self, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B, _ = florist_aggregate(As, Bs, self.scaling, weights, self.energy)
+        return A, B

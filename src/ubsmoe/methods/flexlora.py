@@ -9,17 +9,19 @@ the top-r_k triplets, split symmetrically so that
 
     s_k B'_k @ A'_k = U_r S_r V_r^T,    B'_k = U_r sqrt(S_r / s_k),   A'_k = sqrt(S_r / s_k) V_r^T,
 
-the best rank-r_k approximation of delta W (Eckart-Young). Shapes follow `lora_factors`:
+the best rank-r_k approximation of delta W (Eckart-Young). Shapes follow `ubsmoe.methods.lora`:
 A (..., r, in), B (..., out, r), delta W (..., out, in).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ubsmoe.fl.aggregation.lora_factors import check_factors, client_scalings, weighted_product_sum
+from ubsmoe.methods.lora import weighted_product_sum
+from ubsmoe.methods.rank import RankMethod
 
 
 def flexlora_full_update(
@@ -62,29 +64,15 @@ def svd_factors(delta: torch.Tensor, rank: int, scaling: float = 1.0) -> tuple[t
     return A.to(delta.dtype), B.to(delta.dtype)
 
 
-def flexlora_aggregate(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    scalings: Sequence[float] | float,
-    weights: Sequence[float],
-    ranks: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The full update delta W and, per client k, (A'_k, B'_k) of rank r_k with s_k B'_k A'_k = SVD_{r_k}(delta W).
+@dataclass(frozen=True)
+class FlexLoRA(RankMethod):
+    """FlexLoRA: the server keeps the top-r_max SVD of the weighted full update as the global pair; a
+    rank-r_c client starts from its first r_c components, which are the top-r_c SVD (the components are
+    ordered by singular value)."""
 
-    `ranks` defaults to each client's current rank; client k's factors use its own scaling s_k, so
-    they drop straight into its adapter. One SVD per weight (per slice of the leading shape) serves
-    all clients. Returns (delta (..., out, in), [(A'_k, B'_k), ...]) in the dtype of As[0].
-    """
-    current = check_factors(As, Bs)
-    ranks = current if ranks is None else list(ranks)
-    if len(ranks) != len(As):
-        raise ValueError(f"need one rank per client, got {len(ranks)} ranks for {len(As)} clients")
-    s = client_scalings(scalings, len(As))
-    delta = weighted_product_sum(As, Bs, s, weights)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    dtype = As[0].dtype
-    factors = []
-    for rank, sk in zip(ranks, s, strict=True):
-        A, B = _factors_from_svd(U, S, Vh, rank, sk)
-        factors.append((A.to(dtype), B.to(dtype)))
-    return delta.to(dtype), factors
+    def combine_pairs(self, result, key_a, key_b, As, Bs, weights) -> None:
+        r_max = result.adapters[key_a].shape[-2]
+        dtype = result.adapters[key_a].dtype
+        full = flexlora_full_update([A.double() for A in As], [B.double() for B in Bs], self.scaling, weights)
+        A, B = svd_factors(full, r_max, self.scaling)
+        result.adapters[key_a], result.adapters[key_b] = A.to(dtype), B.to(dtype)

@@ -10,13 +10,28 @@ An expert that no client activated (all freq_{c,i}^t |D_c| = 0) falls back to th
 Each expert's slice of every expert-stacked tensor (leading dim M) is then averaged with its own
 weights:  out[key][i] = sum_c w_{c,i} delta_c[key][i].  Tensors without an expert dim (shared
 parameters) are for `fedavg`.
+
+In the federation (`A3SMoE`): heterogeneous K_c as SMoE-naive; freq_{c,i} is the share of client c's
+routed tokens that chose expert i in the layer (from its utilization counts), |D_c| its examples; each
+block gets a learnable output scale on its routed experts that stays with the client (a client-local
+tensor: the server keeps it for the client, and a tier is evaluated with its clients' mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ubsmoe.fl.payload import ClientUpdate, GlobalState
+from ubsmoe.methods.base import Aggregate, Method
+from ubsmoe.methods.fedavg import fedavg
+from ubsmoe.methods.lora import layer_of
+
+if TYPE_CHECKING:
+    from ubsmoe.config import ExperimentConfig
 
 
 def activation_aware_weights(
@@ -82,3 +97,39 @@ def a3smoe_aggregate(
         w = w.to(stacked.device).reshape(*w.shape, *([1] * (stacked.dim() - 2)))
         averaged[key] = (w * stacked).sum(0).to(deltas[0][key].dtype)
     return averaged
+
+
+@dataclass(frozen=True)
+class A3SMoE(Method):
+    """A3SMoE (FLAME-style): activation-aware per-expert averaging and client-local output scales."""
+
+    exponent: float = 1.0
+    """t, the power of the activation frequency in the weights (0: FedAvg)."""
+
+    @classmethod
+    def options(cls, config: ExperimentConfig) -> dict[str, Any]:
+        return {"exponent": config.baselines.a3smoe_exponent}
+
+    @classmethod
+    def block_options(cls, config: ExperimentConfig) -> dict[str, Any]:
+        return {"output_rescale": True}
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> Aggregate:
+        """Expert LoRA: per-layer weights freq^t |D_c| (`activation_aware_weights`); the rest: FedAvg."""
+        sizes = [float(u.num_examples) for u in updates]
+        layers = layer_of(state.adapters)
+        frequencies = [u.counts.double() / u.tokens.double().clamp_min(1)[:, None] for u in updates]  # (L, M) each
+        per_layer = [
+            activation_aware_weights([f[layer] for f in frequencies], sizes, self.exponent)
+            for layer in range(state.phi.shape[0])
+        ]
+        expert_keys = [k for k in state.adapters if k in layers]
+        other_keys = [k for k in state.adapters if k not in layers]
+        delta = a3smoe_aggregate(
+            [{k: u.adapter_deltas[k] for k in expert_keys} for u in updates],
+            {k: per_layer[layers[k]] for k in expert_keys},
+        )
+        if other_keys:
+            delta.update(fedavg([{k: u.adapter_deltas[k] for k in other_keys} for u in updates], sizes))
+        adapters = {k: v + delta[k].to(v.dtype) for k, v in state.adapters.items()}
+        return Aggregate(adapters, self.keep_local_state(state, updates))
