@@ -21,7 +21,9 @@ from typer.testing import CliRunner  # noqa: E402
 
 from ubsmoe.cli import app  # noqa: E402
 from ubsmoe.config import load_config  # noqa: E402
-from ubsmoe.fl import simulation  # noqa: E402
+from ubsmoe.fl import (
+    rounds,  # noqa: E402
+)
 from ubsmoe.fl.experiment import Reporter, run_experiment  # noqa: E402
 from ubsmoe.fl.simulation import TIMING_KEYS  # noqa: E402
 from ubsmoe.models.tiny import save_tiny_model  # noqa: E402
@@ -227,7 +229,7 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(setup, refe
 
 
 def test_a_nan_update_is_dropped_and_the_run_carries_on(setup, monkeypatch):
-    original = simulation.client_update
+    original = rounds.client_update
 
     def poisoned(model, state, batches, top_k, settings, client, **kwargs):
         update = original(model, state, batches, top_k, settings, client, **kwargs)
@@ -236,7 +238,7 @@ def test_a_nan_update_is_dropped_and_the_run_carries_on(setup, monkeypatch):
             update.adapter_deltas[key][0].fill_(float("nan"))
         return update
 
-    monkeypatch.setattr(simulation, "client_update", poisoned)
+    monkeypatch.setattr(rounds, "client_update", poisoned)
     out = setup["root"] / "nan"
     summary = run_experiment(_config(setup), out)
     first = summary["rounds"][0]

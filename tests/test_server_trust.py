@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from test_fl_core import NUM_EXPERTS, NUM_LAYERS, good_updates, synthetic_state, synthetic_update  # noqa: E402
 
+import ubsmoe.fl.rounds as rounds  # noqa: E402
 import ubsmoe.fl.simulation as simulation  # noqa: E402
 from ubsmoe.fl.payload import GlobalState, global_state_from_model, phi_range  # noqa: E402
 from ubsmoe.fl.server import Assignment, aggregate_round, screen_updates, validate_update  # noqa: E402
@@ -207,7 +208,7 @@ def test_honest_clients_aggregate_exactly_as_before():
 def test_the_simulation_drops_hostile_updates_with_their_reasons(tmp_path, monkeypatch):
     from test_simulation import DATA, SETTINGS, TOP_KS, build_model, metrics_lines
 
-    real = simulation.client_update
+    real = rounds.client_update
 
     def hostile(model, state, batches, top_k, settings, client_id, **kwargs):
         update = real(model, state, batches, top_k, settings, client_id, **kwargs)
@@ -227,7 +228,7 @@ def test_the_simulation_drops_hostile_updates_with_their_reasons(tmp_path, monke
                 update.phi = _signed(2.0)
         return update
 
-    monkeypatch.setattr(simulation, "client_update", hostile)
+    monkeypatch.setattr(rounds, "client_update", hostile)
     model = build_model()
     records = simulation.run_simulation(
         model, DATA, TOP_KS, SETTINGS, rounds=2, fraction=1.0, seed=7, batch_size=4, out_dir=tmp_path

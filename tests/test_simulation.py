@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import ubsmoe.fl.rounds as rounds  # noqa: E402
 import ubsmoe.fl.simulation as simulation  # noqa: E402
 from ubsmoe.fl.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -252,7 +253,7 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(tmp_path):
 
 
 def test_a_bad_client_update_is_dropped_and_the_run_carries_on(tmp_path, monkeypatch):
-    real = simulation.client_update
+    real = rounds.client_update
 
     def poisoned(model, state, batches, top_k, settings, client_id, **kwargs):
         update = real(model, state, batches, top_k, settings, client_id, **kwargs)
@@ -260,7 +261,7 @@ def test_a_bad_client_update_is_dropped_and_the_run_carries_on(tmp_path, monkeyp
             update.adapter_deltas = {k: torch.full_like(v, float("nan")) for k, v in update.adapter_deltas.items()}
         return update
 
-    monkeypatch.setattr(simulation, "client_update", poisoned)
+    monkeypatch.setattr(rounds, "client_update", poisoned)
     model = build_model()
     records = run(model, tmp_path)
     assert len(records) == ROUNDS
@@ -284,7 +285,7 @@ def test_only_one_model_is_used(tmp_path, monkeypatch):
     parameters = {name: (id(p), p.data_ptr()) for name, p in model.named_parameters()}
     blocks = [id(b) for b in moe_blocks(model)]
     seen_models = set()
-    real = simulation.client_update
+    real = rounds.client_update
 
     def spy(m, *args, **kwargs):
         seen_models.add(id(m))
@@ -297,7 +298,7 @@ def test_only_one_model_is_used(tmp_path, monkeypatch):
             raise AssertionError("the simulation must not copy a module")
         return real_deepcopy(obj, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "client_update", spy)
+    monkeypatch.setattr(rounds, "client_update", spy)
     monkeypatch.setattr(copy, "deepcopy", no_deepcopy)
     run(model, tmp_path, rounds=2)
     assert seen_models == {id(model)}

@@ -1,8 +1,8 @@
 """In-process federated simulation with one base model in memory, checkpoints and exact resume (DESIGN 2.4, 5, 6).
 
 `run_simulation(model, client_data, client_top_ks, settings, rounds, ...)` runs the federated protocol
-of DESIGN 2.4 with the same functions the Flower apps use (`sample_clients`, `client_update`,
-`aggregate_round`):
+of DESIGN 2.4 in one process over the round engine the Flower app also uses (`ubsmoe.fl.rounds`:
+`Federation.plan`, `local_round` for each client, `Federation.fold`):
 
 - One model: `model` is the only model object. Each client's `client_update` loads the global
   adapters and phi into it (its adapters are swapped in), trains, and returns detached CPU deltas;
@@ -35,32 +35,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ubsmoe.data.prompts import collate
 from ubsmoe.fl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
-from ubsmoe.fl.client import ClientSettings, client_update
+from ubsmoe.fl.client import ClientSettings
 from ubsmoe.fl.payload import (
-    ClientUpdate,
     GlobalState,
     adapter_parameters,
     global_state_from_model,
     load_global_state,
     phi_range,
 )
+from ubsmoe.fl.rounds import Federation, client_batches, jsonable, local_round, normalised, round_outputs
 from ubsmoe.fl.seeds import derive_seed
-from ubsmoe.fl.server import Assignment, aggregate_round, delta_norm, sample_clients, validate_update
-from ubsmoe.metrics.communication import payload_bytes
 from ubsmoe.paths import write_text_atomic
 
 if TYPE_CHECKING:
@@ -93,37 +87,6 @@ class SimulationRecords(list):
 
     resumed_from: int | None = None
     checkpoint: str | None = None
-
-
-def client_batches(
-    examples: Sequence[Mapping[str, Sequence[int]]], batch_size: int, seed: int, round: int, client: Any, pad_id: int
-) -> list[dict[str, torch.Tensor]]:
-    """A client's batches for one round: its examples shuffled by (seed, round, client), cut by `batch_size`."""
-    order = list(range(len(examples)))
-    random.Random(f"ubsmoe-batches:{seed}:{round}:{client}").shuffle(order)
-    return [
-        collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-        for start in range(0, len(order), batch_size)
-    ]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _normalised(value: Any) -> Any:
-    """`value` as it reads back from JSON (so fresh and resumed records compare equal)."""
-    return json.loads(json.dumps(_jsonable(value)))
 
 
 def resolve_run(
@@ -202,8 +165,8 @@ def run_fingerprint(
     method: Method,
     client_ranks: Sequence[int],
 ) -> dict[str, Any]:
-    data_hash = hashlib.sha256(json.dumps(_jsonable(list(client_data)), sort_keys=True).encode("utf-8")).hexdigest()
-    return _normalised(
+    data_hash = hashlib.sha256(json.dumps(jsonable(list(client_data)), sort_keys=True).encode("utf-8")).hexdigest()
+    return normalised(
         {
             "num_clients": len(client_data),
             "client_sizes": [len(d) for d in client_data],
@@ -240,106 +203,6 @@ def _truncate_metrics(path: Path, next_round: int) -> None:
         if isinstance(line, dict) and isinstance(line.get("round"), int) and line["round"] < next_round:
             kept.append(raw + "\n")
     write_text_atomic(path, "".join(kept))
-
-
-def _client_line(
-    round: int,
-    client: int,
-    update: Any,
-    top_k: int,
-    reason: str | None,
-    state: GlobalState,
-    method: Method,
-    rank: int | None,
-) -> dict[str, Any]:
-    metrics = getattr(update, "metrics", None)
-    line: dict[str, Any] = {
-        "round": round,
-        "client_id": client,
-        "top_k": getattr(update, "top_k", top_k),
-        "num_examples": getattr(update, "num_examples", None),
-        "accepted": reason is None,
-        "drop_reason": reason,
-        "download_bytes": payload_bytes(method.sent_tensors(state, rank), state.phi),
-    }
-    if isinstance(update, ClientUpdate):
-        line["upload_bytes"] = payload_bytes(method.uploaded_tensors(update), update.phi, update.counts, update.tokens)
-    if reason is None:
-        line["delta_norm"] = delta_norm(update.adapter_deltas)
-    if isinstance(metrics, Mapping):
-        line.update({k: v for k, v in metrics.items() if k not in line})
-    return _normalised(line)
-
-
-def _finite_mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def round_outputs(
-    round_index: int,
-    participants: Sequence[int],
-    updates: Mapping[int, Any],
-    top_ks: Sequence[int] | Mapping[int, int],
-    start_state: GlobalState,
-    report: Mapping[str, Any],
-    method: Method,
-    ranks: Mapping[int, int | None],
-    max_norm: float | None,
-    eval_metrics: Mapping[str, Any],
-    eval_time: float,
-    started: float,
-    missing: Mapping[int, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(metrics.jsonl lines, round record) of one aggregated round; shared by the simulation and Flower.
-
-    `updates` maps each participant that replied to its update; `missing` gives the reason of each one
-    that did not (Flower: no node, timeout, client error); `extra` adds keys to the record.
-    """
-    missing = missing or {}
-    replied = [c for c in participants if c in updates]
-    verdicts = report.get("verdicts")
-    # the reasons aggregate_round decided by (its updates were those of `replied`, in that order)
-    decided = (
-        dict(zip(replied, verdicts, strict=True)) if verdicts is not None and len(verdicts) == len(replied) else None
-    )
-    lines = []
-    for client in participants:
-        if client in updates:
-            update = updates[client]
-            reason = decided[client] if decided is not None else validate_update(update, start_state, max_norm, method)
-        else:
-            update, reason = None, f"missing: {missing.get(client, 'no reply')}"
-        lines.append(
-            _client_line(round_index, client, update, top_ks[client], reason, start_state, method, ranks[client])
-        )
-    utilization = report.get("utilization", [])
-    cvs = [layer["cv"] for layer in utilization]
-    record = _normalised(
-        {
-            "round": round_index,
-            "clients": list(participants),
-            "accepted": report["accepted"],
-            "dropped": report["dropped"],
-            **({"clipped": report["clipped"]} if report.get("clipped") else {}),
-            **({"missing": [{"client_id": c, "reason": r} for c, r in sorted(missing.items())]} if missing else {}),
-            "changed": report["changed"],
-            "message": report["message"],
-            "client_metrics": lines,
-            "train": report.get("metrics", {}),
-            "utilization_cv": cvs,
-            "mean_utilization_cv": _finite_mean(cvs),
-            "dead_experts": [layer["dead_experts"] for layer in utilization],
-            **{k: report[k] for k in ("client_ranks", "merge_rank") if k in report},
-            "utilization": [layer["utilization"] for layer in utilization],
-            "eval": eval_metrics,
-            **(extra or {}),
-            "eval_time_s": eval_time,
-            "round_time_s": time.perf_counter() - started,
-        }
-    )
-    return lines, record
 
 
 def save_round(
@@ -440,103 +303,49 @@ def run_simulation(
     )
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints, metrics_path = out / CHECKPOINT_DIR, out / METRICS_FILE
-    records = SimulationRecords()
-    found = latest_checkpoint(checkpoints)
-
-    if resume and found is not None:
-        state, meta = load_checkpoint(found)
-        saved = meta["extra"].get("fingerprint")
-        if saved != fingerprint:
-            differing = sorted(
-                k for k in set(fingerprint) | set(saved or {}) if (saved or {}).get(k) != fingerprint.get(k)
-            )
-            raise ValueError(
-                f"cannot resume from {str(found)!r}: the run's settings differ from the checkpointed run's "
-                f"({', '.join(differing) or 'fingerprint missing'})"
-            )
-        saved_records = meta["extra"].get("records")
-        if not isinstance(saved_records, list) or len(saved_records) != state.round:
-            raise ValueError(f"cannot resume from {str(found)!r}: its records do not cover its {state.round} round(s)")
-        order = list(adapter_parameters(model))  # a checkpoint returns its keys sorted as text
-        state.adapters = {k: state.adapters[k] for k in order if k in state.adapters} | state.adapters
-        load_global_state(model, state)
-        if merger is not None:
-            merger.apply(state)
-        restore_rng_states(meta["rng"])
-        records.extend(saved_records)
-        records.resumed_from, records.checkpoint = state.round, str(found)
-        _truncate_metrics(metrics_path, state.round)
-    else:
-        if found is not None:
-            raise ValueError(
-                f"{str(out)!r} already holds checkpoints of a run (newest {found.name}); "
-                "pass resume=True to continue it, or use an empty output folder"
-            )
-        state = global_state_from_model(model, round=0)
-        state.method_state = method.initial_state(client_ranks)
-        if metrics_path.exists():
-            metrics_path.unlink()
-
-    client_ids = list(range(len(client_data)))
-    bounds = phi_range(model)
+    state, records = open_run(
+        out, fingerprint, resume, model, merger, lambda: _initial_state(model, method, client_ranks)
+    )
+    federation = Federation(
+        method,
+        run,
+        client_settings,
+        [len(d) for d in client_data],
+        client_top_ks,
+        client_ranks,
+        max_norm,
+        phi_range(model),
+        merger,
+        state,
+    )
     for round_index in range(state.round, total_rounds):
-        started = time.perf_counter()
-        torch.manual_seed(derive_seed(run_seed, round_index))
-        state = dataclasses.replace(state, round=round_index)
-        participants = sample_clients(client_ids, run["fraction"], round_index, run_seed)
+        plan = federation.plan(round_index)
         if on_round_start is not None:
-            on_round_start(round_index, list(participants))
-        updates = []
-        ranks = {c: method.client_rank(state, c, client_ranks[c]) for c in participants}
-        for client in participants:
-            batches = client_batches(client_data[client], run["batch_size"], run_seed, round_index, client, pad_id)
-            torch.manual_seed(derive_seed(run_seed, round_index, client))
+            on_round_start(round_index, list(plan.participants))
+        updates = {}
+        for client, work in plan.clients.items():
             step_hook = None
             if on_step is not None:
 
                 def step_hook(step: int, _round: int = round_index, _client: int = client) -> None:
                     on_step(_round, _client, step)
 
-            start = method.client_start(state, ranks[client], client)
-            updates.append(
-                client_update(
-                    model,
-                    start,
-                    batches,
-                    client_top_ks[client],
-                    client_settings,
-                    client,
-                    on_step=step_hook,
-                    method=method,
-                    rank=ranks[client],
-                )
+            updates[client] = local_round(
+                model,
+                work.start,
+                client,
+                work.top_k,
+                work.rank,
+                client_data[client],
+                client_settings,
+                method,
+                run_seed,
+                run["batch_size"],
+                pad_id,
+                on_step=step_hook,
             )
-
-        # what each participant was asked to do: its update is checked against it (DESIGN 6)
-        assignments = {
-            c: Assignment(
-                top_k=client_top_ks[c],
-                max_examples=min(len(client_data[c]), client_settings.local_steps * run["batch_size"]),
-                rank=ranks[c],
-            )
-            for c in participants
-        }
-        new_state, report = aggregate_round(
-            state,
-            updates,
-            zeta=run["zeta"],
-            eps=run["eps"],
-            max_norm=max_norm,
-            dmr=run["dmr"],
-            method=method,
-            assignments=assignments,
-            senders=list(participants),
-            phi_range=bounds,
-        )
-        if merger is not None:
-            merger.apply(new_state)
+        report = federation.fold(plan, updates)
+        new_state = federation.state
         load_global_state(model, new_state)
         eval_metrics: Mapping[str, Any] = {}
         eval_time = 0.0
@@ -546,24 +355,66 @@ def run_simulation(
             eval_metrics = evaluate(model, round_index, new_state) or {}
             eval_time = time.perf_counter() - eval_start
             load_global_state(model, new_state)  # an evaluation may have loaded per-tier views
-
-        lines, record = round_outputs(
-            round_index,
-            participants,
-            dict(zip(participants, updates, strict=True)),
-            client_top_ks,
-            state,
-            report,
-            method,
-            ranks,
-            max_norm,
-            eval_metrics,
-            eval_time,
-            started,
-        )
+        lines, record = federation.outputs(plan, updates, report, eval_metrics, eval_time)
         records.append(record)
         save_round(out, new_state, records, lines, fingerprint, keep_checkpoints)
-        state = new_state
         if on_round is not None:
             on_round(record)
     return records
+
+
+def _initial_state(model: nn.Module, method: Method, client_ranks: Sequence[int]) -> GlobalState:
+    state = global_state_from_model(model, round=0)
+    state.method_state = method.initial_state(client_ranks)
+    return state
+
+
+def open_run(
+    out: Path,
+    fingerprint: Mapping[str, Any],
+    resume: bool,
+    model: nn.Module,
+    merger: Any | None,
+    initial_state: Callable[[], GlobalState],
+) -> tuple[GlobalState, SimulationRecords]:
+    """The state a run starts its next round from, and its records so far; loads it into `model`.
+
+    `resume`: continue from the newest checkpoint in `out/checkpoint` (its fingerprint must equal
+    `fingerprint`; metrics.jsonl loses the lines of rounds after it), else start fresh from
+    `initial_state()` (fresh too when there is no checkpoint). A fresh start refuses a folder that holds
+    checkpoints. Shared by the simulation and the Flower strategy, so both resume from the same files.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints, metrics_path = out / CHECKPOINT_DIR, out / METRICS_FILE
+    records = SimulationRecords()
+    found = latest_checkpoint(checkpoints)
+    if not resume or found is None:
+        if found is not None:
+            raise ValueError(
+                f"{str(out)!r} already holds checkpoints of a run (newest {found.name}); "
+                "pass resume=True to continue it, or use an empty output folder"
+            )
+        if metrics_path.exists():
+            metrics_path.unlink()
+        return initial_state(), records
+    state, meta = load_checkpoint(found)
+    saved = meta["extra"].get("fingerprint")
+    if saved != fingerprint:
+        differing = sorted(k for k in set(fingerprint) | set(saved or {}) if (saved or {}).get(k) != fingerprint.get(k))
+        raise ValueError(
+            f"cannot resume from {str(found)!r}: the run's settings differ from the checkpointed run's "
+            f"({', '.join(differing) or 'fingerprint missing'})"
+        )
+    saved_records = meta["extra"].get("records")
+    if not isinstance(saved_records, list) or len(saved_records) != state.round:
+        raise ValueError(f"cannot resume from {str(found)!r}: its records do not cover its {state.round} round(s)")
+    order = list(adapter_parameters(model))  # a checkpoint returns its keys sorted as text
+    state.adapters = {k: state.adapters[k] for k in order if k in state.adapters} | state.adapters
+    load_global_state(model, state)
+    if merger is not None:
+        merger.apply(state)
+    restore_rng_states(meta["rng"])
+    records.extend(saved_records)
+    records.resumed_from, records.checkpoint = state.round, str(found)
+    _truncate_metrics(metrics_path, state.round)
+    return state, records

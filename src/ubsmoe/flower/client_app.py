@@ -4,10 +4,10 @@ Message handlers (the ServerApp of `ubsmoe.flower.server_app` sends these):
 
 - `query`: answers the node's client id and budget (`ubsmoe.flower.runtime.node_identity`: node-config
   `client-id` / `partition-id`, and `beta` when set);
-- `train`: one local round with `ubsmoe.fl.client.client_update`, from the start state the server sent
-  (already truncated / freshly drawn for the method by `Method.client_start`), with the
-  same batches and torch seed as the in-process simulation (`client_batches`, `derive_seed(seed,
-  round, client)`); replies with the `ClientUpdate` as records (`ubsmoe.flower.records`);
+- `train`: the client's plan carried out by `ubsmoe.fl.rounds.local_round`, the function the in-process
+  simulation calls (same batches, same torch seed), from the start state the server sent (already
+  truncated / freshly drawn for the method by `Method.client_start`); replies with the `ClientUpdate`
+  as records (`ubsmoe.flower.records`);
 - `evaluate`: the mean LM loss of the global model (the client's view of it) on the client's examples
   at its K_c.
 
@@ -28,9 +28,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ubsmoe.fl.client import client_update
 from ubsmoe.fl.payload import GlobalState, load_global_state, local_parameters
-from ubsmoe.fl.simulation import client_batches, derive_seed
+from ubsmoe.fl.rounds import client_batches, local_round
 from ubsmoe.flower.records import (
     array_to_tensor,
     records_to_state,
@@ -94,14 +93,19 @@ def client_train(content: RecordDict, context: Context) -> RecordDict:
     if rt.merger is not None:
         rt.merger.apply(sent)  # FLoRA/FLoRIST: the base holds every merge so far
     start = GlobalState(adapters=sent.adapters, phi=sent.phi, round=sent.round, method_state=_local_state(context))
-    seed, round_index = int(run["seed"]), sent.round
-    batches = client_batches(
-        rt.data.client_encoded[client], int(run["batch-size"]), seed, round_index, client, rt.pad_id
-    )
-    torch.manual_seed(derive_seed(seed, round_index, client))
     rank = int(run["rank"]) if "rank" in run else None
-    update = client_update(
-        rt.loaded.model, start, batches, int(run["top-k"]), rt.settings, client, method=rt.method, rank=rank
+    update = local_round(
+        rt.loaded.model,
+        start,
+        client,
+        int(run["top-k"]),
+        rank,
+        rt.data.client_encoded[client],
+        rt.settings,
+        rt.method,
+        int(run["seed"]),
+        int(run["batch-size"]),
+        rt.pad_id,
     )
     if update.local_state:
         context.state[LOCAL_RECORD] = ArrayRecord({k: tensor_to_array(v) for k, v in update.local_state.items()})

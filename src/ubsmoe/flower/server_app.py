@@ -11,7 +11,10 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run ... --run-c
 - `round-timeout`: seconds the server waits for a round's replies before carrying on without the rest;
 - `min-replies`: the fewest client updates a round may be aggregated from (below it the run stops);
   at most the number of clients a round samples, checked before anything is loaded;
-- `fraction-evaluate`: share of nodes asked for a federated evaluation (their LM loss) each round.
+- `fraction-evaluate`: share of nodes asked for a federated evaluation (their LM loss) each round;
+- `resume`: continue the interrupted run in `out-dir` from its newest checkpoint (written by this app
+  or by `ubsmoe run`), with the configuration saved there (`config`/`overrides`, when given, may differ
+  from it only in `federation.rounds`, to extend the run), as `ubsmoe run --resume` does.
 
 Paths are used as given, so pass absolute ones where the ServerApp may run in another folder (a
 SuperLink runs it from its own working directory).
@@ -31,7 +34,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from ubsmoe.config import ExperimentConfig, load_config
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config
 from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, refuse_clashes, tier_flops
 from ubsmoe.fl.outdir import lock_output
 from ubsmoe.fl.server import sample_clients
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "round-timeout": 600.0,
     "min-replies": 1,
     "fraction-evaluate": 0.0,
+    "resume": False,
 }
 
 
@@ -59,6 +63,7 @@ class ServerOptions:
     round_timeout: float = 600.0
     min_replies: int = 1
     fraction_evaluate: float = 0.0
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> ServerOptions:
@@ -73,7 +78,17 @@ class ServerOptions:
             round_timeout=float(merged["round-timeout"]),
             min_replies=int(merged["min-replies"]),
             fraction_evaluate=float(merged["fraction-evaluate"]),
+            resume=_flag(merged["resume"], "resume"),
         )
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A run-config boolean: true/false, or their text (the run config of `flwr run` may carry either)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} = {value!r}: must be true or false")
 
 
 def clients_per_round(config: ExperimentConfig) -> int:
@@ -107,17 +122,25 @@ def run_server(grid: Grid, options: ServerOptions) -> dict[str, Any]:
     """
     started = time.perf_counter()
     config = load_config(options.config or None, list(options.overrides))
-    check_options(options, config)  # before the output folder, the model and the first round
     out = Path(options.out_dir or config.output.dir)
-    refuse_clashes(out)  # before the lock file is made: a refused folder is left exactly as it was
-    with lock_output(out):  # one run per output folder, as `ubsmoe run`
+    if options.resume:
+        if not out.is_dir():
+            raise ConfigError(f"resume: {out} is {'not a folder' if out.exists() else 'no such folder'}")
+        given = config if (options.config or options.overrides) else None
+        config = prepare_output(out, given, resume=True)  # the run's own config (rounds may be extended)
+    check_options(options, config)  # before the output folder, the model and the first round
+    if not options.resume:
+        config.method_instance()  # an unknown method or option: one message, nothing written
+        refuse_clashes(out)  # before the lock file is made: a refused folder is left exactly as it was
+    with lock_output(out, create=not options.resume):  # one run per output folder, as `ubsmoe run`
         return _run_locked(grid, options, config, out, started)
 
 
 def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, out: Path, started: float) -> dict:
     from ubsmoe.report.summary import build_summary, write_outputs
 
-    config = prepare_output(out, config, resume=False)
+    if not options.resume:
+        config = prepare_output(out, config, resume=False)
     runtime = load_runtime(config)
     model = runtime.loaded.model
     top_ks = config.client_top_ks(runtime.loaded.k_max)
@@ -133,12 +156,22 @@ def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, ou
         round_timeout=options.round_timeout,
         fraction_evaluate=options.fraction_evaluate,
         keep_checkpoints=config.output.keep_checkpoints,
+        resume=options.resume,
+    )
+    if strategy.rounds_left <= 0:
+        raise ConfigError(f"resume: the run in {out} has finished its {config.federation.rounds} round(s)")
+    log(
+        INFO,
+        "%s at round %s of %s",
+        "resuming" if options.resume else "starting",
+        strategy.state.round,
+        config.federation.rounds,
     )
     arrays, _ = state_to_records(strategy.state)
     strategy.start(
         grid,
         arrays,
-        num_rounds=config.federation.rounds,
+        num_rounds=strategy.rounds_left,
         timeout=options.round_timeout,
         evaluate_fn=strategy.evaluate_global,
     )

@@ -1,13 +1,13 @@
 """`UBSMoEStrategy`: the federated core's round, as a Flower `Strategy` (flwr 1.42 Message API).
 
-It carries the `GlobalState` (expert adapters, phi, a baseline's method state) as an `ArrayRecord`
-and calls exactly the functions of the in-process simulation (`ubsmoe.fl.simulation.run_simulation`):
-`sample_clients`, `client_rank`, `client_start` on the way out, `aggregate_round` (with its drop
-reasons) on the way back, `BaseMerger` for FLoRA/FLoRIST, the engine's per-tier evaluator, and
-`save_checkpoint` after every round. Seeds are derived the same way: torch from (seed, round) when a
-round starts, from (seed, round, "eval") before evaluating; a client seeds its own training from
-(seed, round, client). So with every node answering, a Flower run computes the same rounds as
-`ubsmoe run`.
+It is a transport over the round engine the in-process simulation uses (`ubsmoe.fl.rounds`): the
+engine's `Federation.plan` gives each sampled client its start state, K_c and rank (the messages carry
+them as `ArrayRecord`s), `Federation.fold` aggregates the replies that came back (with their drop
+reasons) and `Federation.outputs` writes the round's lines and record; the per-tier evaluator and the
+checkpoints are `ubsmoe run`'s. Seeds are derived the same way: torch from (seed, round) when a round
+is planned, from (seed, round, "eval") before evaluating; a client seeds its own training from (seed,
+round, client) (`local_round`). So with every node answering, a Flower run computes the same rounds
+as `ubsmoe run`, and it resumes from the same checkpoints (`resume`: `ubsmoe.fl.simulation.open_run`).
 
 Nodes: at the start of every round the strategy asks each SuperNode it has not met yet for its client
 id and budget (a `query` message); a node's K_c and rank follow from its budget by the config's rules.
@@ -44,8 +44,10 @@ from flwr.serverapp.strategy import Strategy
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, TierEvaluator, evaluation_due, initial_global_state
 from ubsmoe.fl.payload import GlobalState, load_global_state, phi_range
-from ubsmoe.fl.server import Assignment, aggregate_round, sample_clients
-from ubsmoe.fl.simulation import derive_seed, resolve_run, round_outputs, run_fingerprint, save_round
+from ubsmoe.fl.rounds import Federation, RoundPlan
+from ubsmoe.fl.seeds import derive_seed
+from ubsmoe.fl.server import sample_clients
+from ubsmoe.fl.simulation import open_run, resolve_run, run_fingerprint, save_round
 from ubsmoe.flower.client_app import IDENTITY, METRICS, RUN, UPDATE, UPDATE_META, start_state_content
 from ubsmoe.flower.records import records_to_update, state_to_records
 from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, check_budget, config_to_json
@@ -94,17 +96,22 @@ class _Node:
 
 @dataclasses.dataclass
 class _Round:
-    index: int
-    started: float
-    participants: list[int]
-    ranks: dict[int, int | None]
-    start_state: GlobalState
+    """A round in flight: the engine's plan and what the transport saw of it."""
+
+    plan: RoundPlan
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # nodes / replies not served
     sent: dict[int, Message] = dataclasses.field(default_factory=dict)  # client -> its train message
     updates: dict[int, Any] = dataclasses.field(default_factory=dict)
-    missing: dict[int, str] = dataclasses.field(default_factory=dict)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     client_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return self.plan.index
+
+    @property
+    def missing(self) -> dict[int, str]:
+        return self.plan.missing
 
 
 class UBSMoEStrategy(Strategy):
@@ -120,6 +127,7 @@ class UBSMoEStrategy(Strategy):
         round_timeout: float = 600.0,
         fraction_evaluate: float = 0.0,
         keep_checkpoints: int | None = None,
+        resume: bool = False,
     ):
         config: ExperimentConfig = runtime.config
         if min_replies < 1:
@@ -134,7 +142,6 @@ class UBSMoEStrategy(Strategy):
         self.client_settings, self.run = resolve_run(config, None, None, None, None, None, None, None)
         self.max_norm = config.federation.max_update_norm
         model = runtime.loaded.model
-        self.state = initial_global_state(model, config)
         self.client_ids = list(range(config.num_clients))
         self.configured_top_ks = config.client_top_ks(runtime.loaded.k_max)
         self.configured_ranks = config.client_ranks()
@@ -152,10 +159,39 @@ class UBSMoEStrategy(Strategy):
         self.nodes: dict[int, _Node] = {}  # client id -> node
         self.refused: dict[int, str] = {}  # node id -> why its identity was refused (not asked again)
         self._refusals: list[dict[str, Any]] = []  # refusals not yet recorded in a round
-        self.phi_range = phi_range(model)
-        self.records: list[dict[str, Any]] = []
+        # a resumed run continues from the newest checkpoint, written by this app or by `ubsmoe run`
+        state, self.records = open_run(
+            self.out, self.fingerprint, resume, model, runtime.merger, lambda: initial_global_state(model, config)
+        )
+        self.resumed_from: int | None = self.records.resumed_from
+        self.federation = Federation(
+            self.method,
+            self.run,
+            self.client_settings,
+            [len(d) for d in runtime.data.client_encoded],
+            self.configured_top_ks,
+            self.configured_ranks,
+            self.max_norm,
+            phi_range(model),
+            runtime.merger,
+            state,
+        )
         self.initial_eval: dict[str, Any] | None = None
         self.current: _Round | None = None
+
+    @property
+    def state(self) -> GlobalState:
+        """The current global state (the engine's)."""
+        return self.federation.state
+
+    @property
+    def rounds_left(self) -> int:
+        """Rounds still to run: Flower numbers them from 1 whatever round the run resumed at."""
+        return self.config.federation.rounds - self.state.round
+
+    def _index(self, server_round: int) -> int:
+        """The run's 0-based round index of Flower's `server_round` (1-based, restarting at 1 on resume)."""
+        return server_round - 1 + (self.resumed_from or 0)
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _run_record(self, **extra: Any) -> dict[str, Any]:
@@ -215,28 +251,23 @@ class UBSMoEStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        index = server_round - 1
-        started = time.perf_counter()
-        torch.manual_seed(derive_seed(self.run["seed"], index))
-        self.state = dataclasses.replace(self.state, round=index)
+        index = self._index(server_round)
         self._discover(grid)
-        participants = sample_clients(self.client_ids, self.run["fraction"], index, self.run["seed"])
-        ranks = {c: self.method.client_rank(self.state, c, self._node_rank(c)) for c in participants}
-        current = _Round(index, started, list(participants), ranks, self.state, rejected=self._refusals)
+        plan = self.federation.plan(
+            index,
+            top_ks={c: n.top_k for c, n in self.nodes.items()},
+            ranks={c: n.rank for c, n in self.nodes.items()},
+            reachable=lambda c: None if c in self.nodes else "no connected SuperNode has this client id",
+        )
+        current = _Round(plan, rejected=self._refusals)
         self._refusals = []
-        messages = []
-        for client in participants:
-            node = self.nodes.get(client)
-            if node is None:
-                current.missing[client] = "no connected SuperNode has this client id"
-                continue
-            start = self.method.client_start(self.state, ranks[client], client)
-            current.sent[client] = self._message(node, start, MessageType.TRAIN, index, ranks[client])
-            messages.append(current.sent[client])
+        for client in plan.reachable:
+            work = plan.clients[client]
+            current.sent[client] = self._message(self.nodes[client], work.start, MessageType.TRAIN, index, work.rank)
         self.current = current
         sent_to = {c: m.metadata.dst_node_id for c, m in current.sent.items()}
-        log(INFO, "round %s: clients %s, sent to %s", index, participants, sent_to)
-        return messages
+        log(INFO, "round %s: clients %s, sent to %s", index, plan.participants, sent_to)
+        return list(current.sent.values())
 
     def _message(self, node: _Node, state: GlobalState, kind: str, index: int, rank: int | None = None) -> Message:
         """A train or evaluate message: `state`'s adapters and phi, the method state every client is sent
@@ -249,25 +280,11 @@ class UBSMoEStrategy(Strategy):
         content = start_state_content(run, state)
         return Message(content, dst_node_id=node.node_id, message_type=kind, group_id=str(index))
 
-    def _node_rank(self, client: int) -> int:
-        node = self.nodes.get(client)
-        return node.rank if node is not None else self.configured_ranks[client]
-
-    def _top_k(self, client: int) -> int:
-        node = self.nodes.get(client)
-        return node.top_k if node is not None else self.configured_top_ks[client]
-
-    def _assignment(self, client: int, current: _Round) -> Assignment:
-        """What `client` was sent this round (its K_c and rank) and the most examples it can train on."""
-        examples = len(self.runtime.data.client_encoded[client])
-        steps = self.client_settings.local_steps * int(self.run["batch_size"])
-        return Assignment(top_k=self._top_k(client), max_examples=min(examples, steps), rank=current.ranks[client])
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         current = self.current
-        assert current is not None and current.index == server_round - 1
+        assert current is not None and current.index == self._index(server_round)
         # the grid stamps each sent message with its id; a reply names it, also an error reply that the
         # SuperLink writes itself for a node gone offline (whose source is the SuperLink, not the node)
         client_of_message = {m.metadata.message_id: c for c, m in current.sent.items() if m.metadata.message_id}
@@ -308,35 +325,20 @@ class UBSMoEStrategy(Strategy):
         for client in current.sent:
             if client not in current.updates and client not in current.missing:
                 current.missing[client] = f"no reply within the round timeout ({self.round_timeout:g} s)"
-        senders = [c for c in current.participants if c in current.updates]
-        updates = [current.updates[c] for c in senders]
         if current.missing:
             log(WARNING, "round %s: missing clients %s", current.index, current.missing)
-        if len(updates) < self.min_replies:
+        if len(current.updates) < self.min_replies:
             raise FederationError(
-                f"round {current.index}: {len(updates)} client update(s) arrived, fewer than min-replies = "
-                f"{self.min_replies} (missing: {current.missing}); the run stops at the checkpoint of round "
+                f"round {current.index}: {len(current.updates)} client update(s) arrived, fewer than min-replies "
+                f"= {self.min_replies} (missing: {current.missing}); the run stops at the checkpoint of round "
                 f"{current.index}"
             )
-        new_state, report = aggregate_round(
-            self.state,
-            updates,
-            zeta=self.run["zeta"],
-            eps=self.run["eps"],
-            max_norm=self.max_norm,
-            dmr=self.run["dmr"],
-            method=self.method,
-            assignments={c: self._assignment(c, current) for c in current.sent},
-            senders=senders,
-            phi_range=self.phi_range,
+        current.report = self.federation.fold(current.plan, current.updates)
+        load_global_state(self.runtime.loaded.model, self.state)
+        arrays, _ = state_to_records(self.state)
+        metrics = MetricRecord(
+            {k: v for k, v in current.report.get("metrics", {}).items() if isinstance(v, int | float)}
         )
-        if self.runtime.merger is not None:
-            self.runtime.merger.apply(new_state)
-        load_global_state(self.runtime.loaded.model, new_state)
-        current.report = report
-        self.state = new_state
-        arrays, _ = state_to_records(new_state)
-        metrics = MetricRecord({k: v for k, v in report.get("metrics", {}).items() if isinstance(v, int | float)})
         return arrays, metrics
 
     # ---- federated evaluation (optional) -----------------------------------------------------------
@@ -345,7 +347,7 @@ class UBSMoEStrategy(Strategy):
     ) -> Iterable[Message]:
         if self.fraction_evaluate <= 0:
             return []
-        index = server_round - 1
+        index = self._index(server_round)
         clients = sample_clients(sorted(self.nodes), self.fraction_evaluate, index, f"{self.run['seed']}:eval")
         messages = []
         for client in clients:
@@ -384,13 +386,17 @@ class UBSMoEStrategy(Strategy):
         if server_round == 0:
             if not self.config.evaluation.initial:
                 return None
+            if self.resumed_from is not None:  # evaluated when the run started; kept in its folder
+                path = self.out / INITIAL_EVAL_FILE
+                self.initial_eval = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+                return None
             torch.manual_seed(self.config.seed)
             self.initial_eval = self.evaluator(model, None, initial_global_state(model, self.config))
             write_text_atomic(self.out / INITIAL_EVAL_FILE, json.dumps(self.initial_eval, indent=2) + "\n")
             load_global_state(model, self.state)
             return MetricRecord({"mean_accuracy": float(self.initial_eval["mean_accuracy"])})
         current = self.current
-        assert current is not None and current.index == server_round - 1
+        assert current is not None and current.index == self._index(server_round)
         eval_metrics: Mapping[str, Any] = {}
         eval_time = 0.0
         if evaluation_due(self.config, current.index):
@@ -408,20 +414,12 @@ class UBSMoEStrategy(Strategy):
         report = current.report
         if current.rejected:  # nodes and replies refused this round go with the round's dropped updates
             report = {**report, "dropped": [*report.get("dropped", []), *current.rejected]}
-        lines, record = round_outputs(
-            current.index,
-            current.participants,
+        lines, record = self.federation.outputs(
+            current.plan,
             current.updates,
-            {c: self._top_k(c) for c in current.participants},
-            current.start_state,
             report,
-            self.method,
-            current.ranks,
-            self.max_norm,
             eval_metrics,
             eval_time,
-            current.started,
-            missing=current.missing,
             extra={"client_eval": current.client_eval} if current.client_eval else None,
         )
         self.records.append(record)
