@@ -39,6 +39,7 @@ from ubsmoe.flower.records import (  # noqa: E402
     update_to_records,
 )
 from ubsmoe.flower.server_app import make_server_app  # noqa: E402
+from ubsmoe.flower.strategy import FederationError  # noqa: E402
 
 TOLERANCE = 1e-6
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
@@ -227,3 +228,36 @@ def test_a_failing_client_does_not_stop_the_run(setup):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["missing"][0]["client_id"] for r in summary["rounds"]] == [3, 3]
     assert all(len(r["accepted"]) == 3 for r in summary["rounds"])
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+_second_round_fails = ClientApp()
+
+
+@_second_round_fails.query()
+def _query2(msg: Message, context: Context) -> Message:
+    return flower_client.query(msg, context)
+
+
+@_second_round_fails.train()
+def _train2(msg: Message, context: Context) -> Message:
+    if msg.metadata.group_id == "1":  # the run's round 1 (0-based): every client falls over
+        raise RuntimeError("the federation went down")
+    return flower_client.train(msg, context)
+
+
+def test_a_stopped_flower_run_resumes_to_the_uninterrupted_result(setup):
+    # the run stops after round 0 (no update in round 1, fewer than min-replies), then resumes from its
+    # checkpoint with a healthy federation and must end where an uninterrupted run ends
+    with pytest.raises(FederationError, match="round 1: 0 client update"):
+        _flower(setup, "flower-resumed", [], client=_second_round_fails)
+    out = setup["root"] / "flower-resumed"
+    assert [p.name for p in sorted((out / "checkpoint").glob("round_*"))] == ["round_0001"]
+    assert not (out / "summary.json").exists()
+    _flower(setup, "flower-resumed", [], resume=True)
+    reference = setup["root"] / "reference-ubsmoe"
+    if not (reference / "summary.json").is_file():
+        _reference(setup, "reference-ubsmoe", [])
+    _assert_same_run(out, reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["initial"] is not None  # kept from the run's start
