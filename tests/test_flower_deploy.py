@@ -78,9 +78,17 @@ def _deploy(setup, name: str, **options) -> tuple[int, Path]:
     return code, out
 
 
-def test_a_superlink_with_four_supernodes_matches_the_in_process_run(setup):
-    code, out = _deploy(setup, "deployed")
-    assert code == 0, (out / "logs" / "flwr-run.log").read_text()[-3000:]
+def test_a_superlink_killed_after_a_round_resumes_to_the_in_process_run(setup):
+    # four SuperNodes; the SuperLink is killed (SIGKILL) once round 0 is checkpointed, and the run stops
+    # there; --resume starts a new SuperLink and SuperNodes and the run ends as the uninterrupted one
+    code, out = _deploy(setup, "deployed", kill_superlink_after_round=0)
+    assert code != 0 and (out / "logs" / "killed.txt").read_text().startswith("superlink")
+    assert not (out / "run" / "summary.json").exists()
+    assert [p.name for p in sorted((out / "run" / "checkpoint").glob("round_*"))] == ["round_0001"]
+    code = run_local_deployment(
+        str(setup["config"]), out, list(QUICK), app_dir=APP_DIR, port=_free_ports(5), timeout=900, resume=True
+    )
+    assert code == 0, (out / "logs" / "resume-1" / "flwr-run.log").read_text()[-3000:]
     _assert_same_run(out / "run", setup["reference"])
     runtime = json.loads((out / "run" / "summary.json").read_text())["runtime"]
     assert runtime["nodes"] == {"0": 0.5, "1": 0.5, "2": 1.0, "3": 1.0}  # each SuperNode's declared beta

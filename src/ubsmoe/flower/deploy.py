@@ -36,7 +36,10 @@ them by hand with `kill -- -PGID` should the launcher itself be killed with SIGK
 run carries on without the node, see docs/flower.md): `--kill-node I --kill-after-round R` kills
 SuperNode I (SIGKILL, no goodbye to the SuperLink) as soon as the checkpoint of round R is on disk, so
 it is gone for round R + 1; `--kill-node I --kill-after S` kills it S seconds after the run was
-submitted instead.
+submitted instead. `--kill-superlink-after-round R` kills the SuperLink instead, once round R is
+checkpointed: the run stops there, and `--resume` on the same `--out` starts a fresh SuperLink and
+SuperNodes and continues the run from its newest checkpoint (the ServerApp's `resume` option; logs in
+OUT/logs/resume-N/).
 """
 
 from __future__ import annotations
@@ -340,6 +343,7 @@ def _check_options(
     kill_node: int | None,
     kill_after: float,
     kill_after_round: int | None,
+    kill_superlink_after_round: int | None = None,
     simulation: bool,
     timeout: float,
 ) -> list[float]:
@@ -378,6 +382,12 @@ def _check_options(
                 f"--kill-after-round {kill_after_round}: must be in 0..{rounds - 2} for a node to miss a round "
                 f"of the run's {rounds}"
             )
+    rounds = config.federation.rounds
+    if kill_superlink_after_round is not None and not 0 <= kill_superlink_after_round < rounds - 1:
+        problems.append(
+            f"--kill-superlink-after-round {kill_superlink_after_round}: must be in 0..{rounds - 2}, a round "
+            f"before the last of the run's {rounds}"
+        )
     if not (math.isfinite(kill_after) and kill_after >= 0):
         problems.append(f"--kill-after {kill_after:g}: must be a number of seconds >= 0")
     if not timeout > 0:
@@ -442,6 +452,8 @@ def run_local_deployment(
     kill_node: int | None = None,
     kill_after: float = 0.0,
     kill_after_round: int | None = None,
+    kill_superlink_after_round: int | None = None,
+    resume: bool = False,
     simulation: bool = False,
     timeout: float = 1800.0,
     join_timeout: float = 180.0,
@@ -452,8 +464,10 @@ def run_local_deployment(
     when the run finished without some node (refused, missing in a round, dead), `Interrupted` on
     SIGTERM / SIGINT / SIGHUP (in the main thread), after stopping everything it started. Returns the
     failed run's code when there is no summary. `kill_node` (with `kill_after_round`, else `kill_after`
-    seconds) is the fault drill of the module docstring; `join_timeout`: seconds to wait for the
-    SuperNodes to join before submitting anyway (a node that never joins is then reported).
+    seconds) is the fault drill of the module docstring, `kill_superlink_after_round` the SuperLink's
+    (the run then stops at that round's checkpoint, and the call returns the failed run's code);
+    `resume`: continue the run in `out` from its newest checkpoint; `join_timeout`: seconds to wait for
+    the SuperNodes to join before submitting anyway (a node that never joins is then reported).
     """
     config = load_config(config_path, overrides)
     nodes = config.num_clients
@@ -466,6 +480,7 @@ def run_local_deployment(
         kill_node=kill_node,
         kill_after=kill_after,
         kill_after_round=kill_after_round,
+        kill_superlink_after_round=kill_superlink_after_round,
         simulation=simulation,
         timeout=timeout,
     )
@@ -477,11 +492,19 @@ def run_local_deployment(
         raise DeploymentError(f"--app {app_dir}: not a Flower app folder (no pyproject.toml)")
     _check_ports([port] if simulation else list(range(port, port + 1 + nodes)))
     out = out.resolve()
-    if out.exists() and any(out.iterdir()):
-        raise DeploymentError(f"{out} is not empty; choose a new --out")
-    logs, home = out / "logs", out / "flwr-home"
-    logs.mkdir(parents=True)
-    home.mkdir()
+    if resume:
+        if not list_checkpoints(out / "run" / "checkpoint"):
+            raise DeploymentError(f"--resume: {out / 'run'} holds no checkpoint of a run to continue")
+        earlier = list((out / "logs").glob("resume-*")) if (out / "logs").is_dir() else []
+        logs, home = out / "logs" / f"resume-{len(earlier) + 1}", out / "flwr-home"
+        logs.mkdir(parents=True)
+        home.mkdir(exist_ok=True)
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise DeploymentError(f"{out} is not empty; choose a new --out (or --resume to continue its run)")
+        logs, home = out / "logs", out / "flwr-home"
+        logs.mkdir(parents=True)
+        home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -508,6 +531,8 @@ def run_local_deployment(
                 kill_node=kill_node,
                 kill_after=kill_after,
                 kill_after_round=kill_after_round,
+                kill_superlink_after_round=kill_superlink_after_round,
+                resume=resume,
                 simulation=simulation,
                 timeout=timeout,
                 join_timeout=join_timeout,
@@ -548,6 +573,8 @@ def _run(
     kill_node: int | None,
     kill_after: float,
     kill_after_round: int | None,
+    kill_superlink_after_round: int | None,
+    resume: bool,
     simulation: bool,
     timeout: float,
     join_timeout: float,
@@ -601,18 +628,35 @@ def _run(
             f"out-dir={_toml_string(str(out / 'run'))}",
             f"round-timeout={float(round_timeout)}",
             f"min-replies={int(min_replies)}",
+            *(["resume=true"] if resume else []),
         ]
     )
     runner = start("flwr-run", [tools["flwr"], "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config])
     submitted = time.monotonic()
     killed: list[int] = []
+
+    def checkpointed(round: int) -> bool:
+        done = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "run" / "checkpoint")]
+        return bool(done) and max(done) >= round
+
+    superlink_killed = threading.Event()
+    if kill_superlink_after_round is not None:
+
+        def kill_superlink() -> None:
+            while runner.poll() is None and not checkpointed(kill_superlink_after_round):
+                time.sleep(0.2)
+            if runner.poll() is None and superlink.poll() is None:
+                os.killpg(superlink.pid, signal.SIGKILL)
+                superlink_killed.set()
+                (logs / "killed.txt").write_text(f"superlink at {time.time():.0f}\n")
+
+        threading.Thread(target=kill_superlink, daemon=True).start()
     if kill_node is not None:
 
         def due() -> bool:
             if kill_after_round is None:
                 return time.monotonic() - submitted >= kill_after
-            done = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "run" / "checkpoint")]
-            return bool(done) and max(done) >= kill_after_round
+            return checkpointed(kill_after_round)
 
         def kill() -> None:
             while runner.poll() is None and not due():
@@ -625,6 +669,8 @@ def _run(
         threading.Thread(target=kill, daemon=True).start()
     deadline = time.monotonic() + timeout
     while runner.poll() is None:
+        if superlink_killed.is_set():
+            break  # the drill: the run cannot go on without its SuperLink
         if (out / "run" / "summary.json").is_file():
             time.sleep(2)  # the ServerApp has written its last file; let the stream end
             break
@@ -699,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-node", type=int, help="fault drill: kill this SuperNode ...")
     parser.add_argument("--kill-after", type=float, default=30.0, help="... this many seconds after submitting")
     parser.add_argument("--kill-after-round", type=int, help="... or once the checkpoint of this round is written")
+    parser.add_argument(
+        "--kill-superlink-after-round", type=int, help="fault drill: kill the SuperLink once this round is checkpointed"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument("--simulation", action="store_true", help="a simulation SuperLink (Ray) instead of SuperNodes")
     parser.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[3], help="the Flower app folder")
     args = parser.parse_args(argv)
@@ -716,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
             kill_node=args.kill_node,
             kill_after=args.kill_after,
             kill_after_round=args.kill_after_round,
+            kill_superlink_after_round=args.kill_superlink_after_round,
+            resume=args.resume,
             simulation=args.simulation,
         )
     except (Interrupted, KeyboardInterrupt) as stop:
@@ -734,6 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = args.out.resolve() / "run" / "summary.json"
     if code == 0:
         print(f"done: {summary}")
+    elif args.kill_superlink_after_round is not None and (logs / "killed.txt").is_file():
+        print(
+            f"the drill killed the SuperLink after round {args.kill_superlink_after_round}; continue the run with "
+            f"the same options and --resume (without the drill); logs in {logs}",
+            file=sys.stderr,
+        )
     else:
         print(f"the run failed (code {code}){_last_error(logs / 'flwr-run.log')}; logs in {logs}", file=sys.stderr)
     return code

@@ -65,13 +65,22 @@ PEFT_FOLDER = "peft"
 """A run writes its final adapters in peft's format to OUT/adapters/peft/."""
 README = "README.md"
 EXPORT_FORMATS = ("peft", "merged")
-NOT_EXPORTED_METHODS = {
-    "flora": "FLoRA merges every round's update into the frozen expert weights; its final adapters are fresh "
-    "(zero) and the learned update is not a LoRA on the original model",
-    "florist": "FLoRIST merges every round's update into the frozen expert weights; its final adapters are "
-    "fresh (zero) and the learned update is not a LoRA on the original model",
-}
-"""Methods whose final adapters are not the learned model (a run skips the peft export with this reason)."""
+
+
+def export_refusal(method: str | None) -> str | None:
+    """Why a run of `method` has no peft export (`Method.peft_export_refusal`), or None when it has one.
+
+    A method that cannot be found (e.g. a folder written by a method since removed) is not refused here:
+    the export then reads the adapters as they are."""
+    if not method:
+        return None
+    from ubsmoe.methods import UnknownMethodError, method_class
+
+    try:
+        return method_class(method).peft_export_refusal
+    except UnknownMethodError:
+        return None
+
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.lora\.lora_(?P<factor>[AB])\.(?P<target>gate|up|down)$")
 _TARGET_ORDER = ("gate", "up", "down")
@@ -570,7 +579,7 @@ def export_run_adapters(
     cannot export (a run's end must not fail on it): the reason is returned.
     """
     directory = Path(adapters_dir) / PEFT_FOLDER
-    reason = NOT_EXPORTED_METHODS.get(config.method)
+    reason = export_refusal(config.method)
     if reason is None:
         try:
             base_model, revision = base_model_of_run(config.model.name, model_info)
@@ -691,8 +700,9 @@ def export_run(
     if not native and model_type not in DENSE_FAMILIES:
         raise PeftExportError(f"{adapters_dir}: adapters of an unknown model type {model_type!r}")
     method = (saved.get("metadata") or {}).get("method")
-    if method in NOT_EXPORTED_METHODS:
-        raise PeftExportError(f"{adapters_dir}: {NOT_EXPORTED_METHODS[method]}; nothing to export")
+    refusal = export_refusal(method)
+    if refusal is not None:
+        raise PeftExportError(f"{adapters_dir}: {refusal}; nothing to export")
     summary = _read_json(run / "summary.json") if run is not None and (run / "summary.json").is_file() else {}
     model_info = summary.get("model") if isinstance(summary, dict) else None
     base_model, revision = base_model_of_run(str(saved.get("base_model") or ""), model_info)
@@ -751,7 +761,7 @@ def export_run(
 
 __all__ = [
     "EXPORT_FORMATS",
-    "NOT_EXPORTED_METHODS",
+    "export_refusal",
     "PEFT_CONFIG",
     "PEFT_FOLDER",
     "PEFT_WEIGHTS",
