@@ -24,7 +24,7 @@ are the UB-SMoE settings; a method whose class does not use a mechanism (`Method
 switches it off, whatever the flag says (`ubsmoe-no-dmr` -> DMR off, `ubsmoe-no-reg` -> range_lambda
 0, `smoe-naive` -> DMR and PG off ...). `ExperimentConfig.ubsmoe_config()` applies this.
 
-This module imports neither torch nor transformers; the builders of the layer configs and the
+This package imports neither torch nor transformers; the builders of the layer configs and the
 method's semantics (`method_class`, the method modules import torch) import them lazily.
 
 The package: `schema` (the sections and `ExperimentConfig`), `errors` (`ConfigError` and the rendering

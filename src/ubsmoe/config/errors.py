@@ -7,16 +7,13 @@ import json
 import re
 import typing
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import annotated_types
 from pydantic import (
     BaseModel,
     ValidationError,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["ConfigError"]
 

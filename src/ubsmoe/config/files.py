@@ -6,13 +6,10 @@ import json
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ubsmoe.config.errors import ConfigError, _show
 from ubsmoe.config.schema import ExperimentConfig
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["load_config", "parse_override", "save_config"]
 
