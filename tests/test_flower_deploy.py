@@ -207,7 +207,7 @@ def test_the_server_app_locks_its_output_folder(experiment, tmp_path, monkeypatc
     from ubsmoe.fl.outdir import OutputFolderError, lock_output
     from ubsmoe.flower import server_app
 
-    monkeypatch.setattr(server_app, "load_runtime", lambda config: pytest.fail("loaded the model"))
+    monkeypatch.setattr(server_app, "set_up_experiment", lambda *args: pytest.fail("loaded the model"))
     options = ServerOptions(config=str(experiment["config"]), overrides=QUICK, out_dir=str(tmp_path / "run"))
     with lock_output(tmp_path / "run"), pytest.raises(OutputFolderError, match="in use by another ubsmoe run"):
         run_server(None, options)

@@ -28,6 +28,7 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "load_runtime",
+    "make_runtime",
     "node_identity",
 ]
 
@@ -63,6 +64,11 @@ def load_runtime(config: ExperimentConfig) -> Runtime:
     loaded = load_experiment_model(config)
     data = federated_data(config.data, config.num_clients, loaded.tokenizer, config.evaluation.examples_per_task)
     config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
+    return make_runtime(config, loaded, data)
+
+
+def make_runtime(config: ExperimentConfig, loaded: LoadedModel, data: FederatedData) -> Runtime:
+    """A `Runtime` around a model and data already loaded (the ServerApp's, by the experiment set-up)."""
     method = config.method_instance()
     return Runtime(
         config=config,

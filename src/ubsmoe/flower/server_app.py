@@ -35,11 +35,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import ConfigError, ExperimentConfig, load_config
-from ubsmoe.fl.experiment import Reporter, TierEvaluator, experiment_tiers, prepare_output, refuse_clashes, tier_flops
+from ubsmoe.fl.experiment import Reporter, prepare_output, refuse_clashes, set_up_experiment, timed_reporter
 from ubsmoe.fl.outdir import lock_output
 from ubsmoe.fl.server import sample_clients
 from ubsmoe.flower.records import state_to_records
-from ubsmoe.flower.runtime import load_runtime
+from ubsmoe.flower.runtime import make_runtime
 from ubsmoe.flower.strategy import UBSMoEStrategy
 
 __all__ = ["DEFAULTS", "ServerOptions", "app", "check_options", "clients_per_round", "make_server_app", "run_server"]
@@ -137,20 +137,18 @@ def run_server(grid: Grid, options: ServerOptions) -> dict[str, Any]:
 
 
 def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, out: Path, started: float) -> dict:
-    from ubsmoe.report.summary import build_summary, write_outputs
+    from ubsmoe.report.summary import build_summary, write_outputs, write_summary
 
     if not options.resume:
         config = prepare_output(out, config, resume=False)
-    runtime = load_runtime(config)
+    reporter = timed_reporter(_LogReporter(), started)
+    setup = set_up_experiment(config, reporter, started)  # the same set-up as `ubsmoe run`
+    runtime = make_runtime(config, setup.loaded, setup.data)
     model = runtime.loaded.model
-    top_ks = config.client_top_ks(runtime.loaded.k_max)
-    tiers = experiment_tiers(config, top_ks)
-    load_s = time.perf_counter() - started
-    flops = tier_flops(model, config, tiers, runtime.data)
-    evaluator = TierEvaluator(runtime.loaded, config, runtime.data, tiers, Reporter())
+    reporter.begin("federation", "starting the federation")
     strategy = UBSMoEStrategy(
         runtime,
-        evaluator,
+        setup.evaluator,
         out,
         min_replies=options.min_replies,
         round_timeout=options.round_timeout,
@@ -175,20 +173,31 @@ def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, ou
         timeout=options.round_timeout,
         evaluate_fn=strategy.evaluate_global,
     )
+    reporter.begin("outputs", "writing the summary and plots")
     summary = build_summary(
         config=config,
         loaded=runtime.loaded,
         data=runtime.data,
-        tiers=tiers,
-        top_ks=top_ks,
-        flops=flops,
+        tiers=setup.tiers,
+        top_ks=setup.top_ks,
+        flops=setup.flops,
         initial=strategy.initial_eval,
         records=strategy.records,
-        timing={"load_s": load_s, "total_s": time.perf_counter() - started},
+        timing={"load_s": setup.load_s, "total_s": time.perf_counter() - started},
     )
     summary["runtime"] = {"kind": "flower", "nodes": {str(c): n.budget for c, n in sorted(strategy.nodes.items())}}
     write_outputs(summary, model, out, config, note=lambda line: log(INFO, "%s", line))
+    reporter.timer.finish()  # summary.json again, with the stages' times (the federation's as one stage)
+    summary["timing"].update(total_s=time.perf_counter() - started, stages=reporter.timer.stages())
+    write_summary(summary, out)
     return summary
+
+
+class _LogReporter(Reporter):
+    """The set-up's stage lines in the ServerApp's log (Flower's logger)."""
+
+    def stage(self, text: str) -> None:
+        log(INFO, "%s", text)
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:

@@ -42,12 +42,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ubsmoe.config import ExperimentConfig
-from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, TierEvaluator, evaluation_due, initial_global_state
+from ubsmoe.fl.experiment import INITIAL_EVAL_FILE, initial_global_state
 from ubsmoe.fl.payload import GlobalState, load_global_state, phi_range
 from ubsmoe.fl.rounds import Federation, RoundPlan
 from ubsmoe.fl.seeds import derive_seed
 from ubsmoe.fl.server import sample_clients
 from ubsmoe.fl.simulation import open_run, resolve_run, run_fingerprint, save_round
+from ubsmoe.fl.tiers import TierEvaluator, evaluation_due
 from ubsmoe.flower.client_app import IDENTITY, METRICS, RUN, UPDATE, UPDATE_META, start_state_content
 from ubsmoe.flower.records import records_to_update, state_to_records
 from ubsmoe.flower.runtime import CONFIG_KEY, Runtime, budget_settings, check_budget, config_to_json
