@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 transformers = pytest.importorskip("transformers")
 
+from ubsmoe.methods.a3smoe import OutputScale  # noqa: E402
 from ubsmoe.models import ModelLoadError, UnsupportedModelError, tiny_config  # noqa: E402
 from ubsmoe.models.moefication import (  # noqa: E402
     MoEficationConfig,
@@ -33,7 +35,14 @@ from ubsmoe.models.moefication import (  # noqa: E402
     save_moefied,
     split_shared,
 )
-from ubsmoe.moe import SwiGLU, UBSMoEConfig, collect_utilization, experts_from_dense, set_top_k  # noqa: E402
+from ubsmoe.moe import (  # noqa: E402
+    SwiGLU,
+    UBSMoEConfig,
+    attach_extensions,
+    collect_utilization,
+    experts_from_dense,
+    set_top_k,
+)
 
 LORA = UBSMoEConfig(lora_rank=4, lora_alpha=8.0)
 TOKENS = 512  # calibration tokens of the tiny model
@@ -367,8 +376,16 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert trainable and all(".lora." in n or n.endswith(".phi") for n in trainable)
     other = load_moefied(tmp_path, UBSMoEConfig(lora_rank=2, dmr=False))
     assert all(b.config.lora_rank == 2 and b.config.unit_gates for _, b in moefied_blocks(other))
-    rescaled = load_moefied(tmp_path, UBSMoEConfig(output_rescale=True))  # A3SMoE's scale is not in the file
-    assert all(float(b.output_scale) == 1.0 for _, b in moefied_blocks(rescaled))
+    # a method's block extension (A3SMoE's output scale) is not in the file, and the file loads into a
+    # model that has one; an older file's retired UBSMoEConfig fields still read
+    description = json.loads((tmp_path / "moefication.json").read_text())
+    description["ubsmoe"].update(load_balance_coef=0.0, output_rescale=False)
+    (tmp_path / "moefication.json").write_text(json.dumps(description))
+    rescaled = load_moefied(tmp_path)
+    attach_extensions(rescaled, {"output_scale": OutputScale})
+    assert all(float(b.local_extensions["output_scale"].scale) == 1.0 for _, b in moefied_blocks(rescaled))
+    save_moefied(rescaled, tmp_path / "again")
+    assert not any("extensions" in k for k in load_file(str(tmp_path / "again" / "model.safetensors")))
 
 
 def test_cache_hit_does_not_recalibrate(tmp_path):

@@ -29,6 +29,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from ubsmoe.cli import app  # noqa: E402
 from ubsmoe.config import load_config, save_config  # noqa: E402
+from ubsmoe.methods.a3smoe import OutputScale  # noqa: E402
 from ubsmoe.models import adapt_moe_model, save_trainable_state  # noqa: E402
 from ubsmoe.models.moefication import MoEfiedBlock, moefied_blocks, save_moefied  # noqa: E402
 from ubsmoe.models.peft_export import (  # noqa: E402
@@ -272,7 +273,8 @@ def test_moefied_refusals_and_output_scale_note(tmp_path):
     model = moefied(tiny_llama(dtype=torch.float32))
     scaled = copy.deepcopy(model)
     for _, block in moefied_blocks(scaled):
-        block.output_scale = torch.nn.Parameter(torch.full((), 1.5))
+        block.attach_extension("output_scale", OutputScale())
+        block.local_extensions["output_scale"].scale.data.fill_(1.5)
     assert any("output scales" in n for n in model_peft_adapter(scaled).notes)
     assert model_peft_adapter(model).notes == ()
 

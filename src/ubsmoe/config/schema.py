@@ -525,7 +525,6 @@ class ExperimentConfig(_Section):
             pg_rho_form=self.pseudo_gradient.rho_form,
             implementation=self.moe.implementation,
             lora_projection=self.moe.lora_projection,
-            **self.method_class().block_options(self),
         )
 
     def moefication_config(self) -> MoEficationConfig:

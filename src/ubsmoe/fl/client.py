@@ -43,7 +43,7 @@ from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, loa
 from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.moe import (
     apply_pseudo_gradients,
-    balance_loss,
+    aux_loss,
     collect_utilization,
     get_phi,
     model_device,
@@ -186,9 +186,9 @@ def client_update(
     `on_step(n)` is called after the n-th local step (for progress bars). The method (`ubsmoe.methods`;
     default the base method, which adds nothing) contributes its `extra_loss`, its `after_step` and its
     `client_report`; `rank` is the LoRA rank the server assigned (None: the full rank). The client's
-    local tensors (A3SMoE's output scales) come in through `global_state.method_state` (ones when
-    absent) and go back in `ClientUpdate.local_state`. A block's own loss (SMoE-LLB's load balancing)
-    comes from the blocks (`balance_loss`).
+    local tensors (a client-local block extension's, e.g. A3SMoE's output scales) come in through
+    `global_state.method_state` (ones when absent) and go back in `ClientUpdate.local_state`. The
+    blocks' extension losses (e.g. SMoE-LLB's load balancing) come from the blocks (`aux_loss`).
     """
     if method is None:
         from ubsmoe.methods.base import Method
@@ -235,7 +235,7 @@ def client_update(
                 raise ValueError("every batch needs 'labels' (the answer tokens; -100 elsewhere)")
             mask = mask.to(device) if isinstance(mask, torch.Tensor) else None
             lm_loss = answer_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), mask).loss
-            loss = lm_loss + range_loss(model).to(lm_loss.device) + balance_loss(model).to(lm_loss.device)
+            loss = lm_loss + range_loss(model).to(lm_loss.device) + aux_loss(model).to(lm_loss.device)
             extra = method.extra_loss(adapters, rank, global_state.adapters)
             if extra is not None:
                 loss = loss + extra

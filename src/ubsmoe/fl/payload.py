@@ -14,7 +14,7 @@ The in-process simulation and the Flower apps send exactly these structures:
     (DESIGN 2.2 step 6), `num_examples` (its FedAvg weight), its `top_k` (K_c) and `metrics`; for
     the rank baselines its LoRA `rank` (the deltas are then relative to the adapters it started from,
     `Method.client_start`), and `local_state`, tensors the client keeps for itself
-    (A3SMoE's output scales; the simulation stores them for it).
+    (client-local block extensions', e.g. A3SMoE's output scales; the server stores them for it).
 
 Every tensor in a payload is a detached CPU copy: no payload shares storage with a model.
 """
@@ -29,10 +29,12 @@ from torch import nn
 
 from ubsmoe.models.state import trainable_parameters, trainable_state
 from ubsmoe.moe import get_phi, moe_blocks, set_phi
+from ubsmoe.moe.extensions import LOCAL_EXTENSIONS
 
 PHI_SUFFIX = ".phi"
-LOCAL_SUFFIXES = (".output_scale",)
-"""Trainable tensors a client keeps for itself (never aggregated): A3SMoE's output scales."""
+LOCAL_MARK = f".{LOCAL_EXTENSIONS}."
+"""Trainable tensors a client keeps for itself (never aggregated): those of client-local block
+extensions (`ubsmoe.moe.extensions`, e.g. A3SMoE's output scales)."""
 
 __all__ = [
     "PHI_SUFFIX",
@@ -81,8 +83,8 @@ def is_phi_key(key: str) -> bool:
 
 
 def is_local_key(key: str) -> bool:
-    """Whether a trainable-state key is client-local (see LOCAL_SUFFIXES)."""
-    return key.endswith(LOCAL_SUFFIXES)
+    """Whether a trainable-state key is client-local (see LOCAL_MARK)."""
+    return LOCAL_MARK in key
 
 
 def split_trainable_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -98,7 +100,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def local_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The model's client-local trainable parameters (A3SMoE's output scales), by key."""
+    """The model's client-local trainable parameters (client-local block extensions'), by key."""
     return {k: p for k, p in trainable_parameters(model).items() if is_local_key(k)}
 
 

@@ -19,16 +19,18 @@ tensor: the server keeps it for the client, and a tier is evaluated with its cli
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ubsmoe.fl.payload import ClientUpdate, GlobalState
 from ubsmoe.methods.base import Aggregate, Method
 from ubsmoe.methods.fedavg import fedavg
 from ubsmoe.methods.lora import layer_of
+from ubsmoe.moe.extensions import BlockExtension
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -99,6 +101,20 @@ def a3smoe_aggregate(
     return averaged
 
 
+class OutputScale(BlockExtension):
+    """One learnable scalar per block on the routed experts' output (a shared group is not rescaled);
+    client-local: each client keeps its own."""
+
+    client_local = True
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float32))
+
+    def routed_output(self, routed: torch.Tensor) -> torch.Tensor:
+        return routed * self.scale.to(routed.dtype)
+
+
 @dataclass(frozen=True)
 class A3SMoE(Method):
     """A3SMoE (FLAME-style): activation-aware per-expert averaging and client-local output scales."""
@@ -111,8 +127,8 @@ class A3SMoE(Method):
         return {"exponent": config.baselines.a3smoe_exponent}
 
     @classmethod
-    def block_options(cls, config: ExperimentConfig) -> dict[str, Any]:
-        return {"output_rescale": True}
+    def block_extensions(cls, config: ExperimentConfig) -> dict[str, Callable[[], BlockExtension]]:
+        return {"output_scale": OutputScale}
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> Aggregate:
         """Expert LoRA: per-layer weights freq^t |D_c| (`activation_aware_weights`); the rest: FedAvg."""

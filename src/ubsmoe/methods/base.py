@@ -16,7 +16,7 @@ hyper-parameters (`from_config` fills them: `seed` and the LoRA `scaling` for ev
 keeps between rounds is `GlobalState.method_state`, a dict of tensors (so checkpoints and Flower
 records carry it unchanged), read and written only by the method's own module.
 
-Client-local tensors (trainable tensors a client keeps for itself, `ubsmoe.fl.payload.is_local_key`)
+Client-local tensors (the parameters of client-local block extensions, `ubsmoe.fl.payload.is_local_key`)
 are handled here for every method: the server stores each client's under `local.<client>.<key>` and
 hands them back in `client_start`; a tier is evaluated with the mean of its clients' (`tier_view`).
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from ubsmoe.fl.payload import ClientUpdate, GlobalState
 from ubsmoe.methods.fedavg import fedavg
+from ubsmoe.moe.extensions import BlockExtension
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -98,8 +99,9 @@ class Method:
         return given
 
     @classmethod
-    def block_options(cls, config: ExperimentConfig) -> dict[str, Any]:
-        """`ubsmoe.moe.UBSMoEConfig` fields this method sets on every MoE block (e.g. SMoE-LLB's loss)."""
+    def block_extensions(cls, config: ExperimentConfig) -> dict[str, Callable[[], BlockExtension]]:
+        """Pieces this method attaches to every MoE block, by name: a factory each (`ubsmoe.moe.extensions`;
+        e.g. SMoE-LLB's load-balancing loss, A3SMoE's client-local output scale)."""
         return {}
 
     # ---- server: before the round ---------------------------------------------------------------

@@ -36,6 +36,7 @@ from ubsmoe.models.native import (
     load_moe_model,
     require_transformers,
 )
+from ubsmoe.moe import attach_extensions
 
 if TYPE_CHECKING:
     from ubsmoe.config import ExperimentConfig
@@ -525,6 +526,7 @@ def load_experiment_model(
             model = _moefy(base, tokenizer, config, model_fingerprint(base), steps, progress, begin)
             kind = "moefied"
     model.to(device)
+    attach_extensions(model, config.method_class().block_extensions(config))  # the method's pieces in every block
     model.eval()
     k_max, num_experts = _moe_dims(model)
     if kind == "moefied":

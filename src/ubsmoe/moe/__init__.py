@@ -7,9 +7,11 @@ from ubsmoe.moe.block import UBSMoEBlock
 from ubsmoe.moe.config import UBSMoEConfig, budget_to_top_k, sparsity_factor
 from ubsmoe.moe.dmr import dmr_target, dmr_update, global_utilization, mean_top_k
 from ubsmoe.moe.experts import ExpertLoRA, SwiGLU, experts_from_dense, swiglu_experts
+from ubsmoe.moe.extensions import BlockExtension
 from ubsmoe.moe.model import (
     apply_pseudo_gradients,
-    balance_loss,
+    attach_extensions,
+    aux_loss,
     collect_utilization,
     get_phi,
     model_device,
@@ -25,6 +27,7 @@ from ubsmoe.moe.routing import Routing, modulated_logits, range_regularizer, rou
 from ubsmoe.moe.stats import dead_experts, utilization_cv
 
 __all__ = [
+    "BlockExtension",
     "ExpertLoRA",
     "Routing",
     "SwiGLU",
@@ -32,7 +35,8 @@ __all__ = [
     "UBSMoEConfig",
     "add_pseudo_gradient",
     "apply_pseudo_gradients",
-    "balance_loss",
+    "attach_extensions",
+    "aux_loss",
     "budget_to_top_k",
     "collect_utilization",
     "dead_experts",

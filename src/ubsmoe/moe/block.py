@@ -15,7 +15,7 @@ from torch import nn
 
 from ubsmoe.moe.config import UBSMoEConfig, sparsity_factor
 from ubsmoe.moe.experts import ExpertLoRA, frozen_parameter, grouped_mm_supported, swiglu_experts
-from ubsmoe.moe.load_balancing import switch_load_balancing_loss
+from ubsmoe.moe.extensions import BlockExtension
 from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
 from ubsmoe.moe.routing import range_regularizer, route
 
@@ -87,13 +87,9 @@ class UBSMoEBlock(nn.Module):
         self.phi = nn.Parameter(
             torch.zeros(num_experts, dtype=torch.float32, device=gate_up_proj.device), requires_grad=config.dmr
         )
-        # A3SMoE's client-local rescaling of the routed experts' output (absent otherwise)
-        self.output_scale = (
-            nn.Parameter(torch.ones((), dtype=torch.float32, device=gate_up_proj.device))
-            if config.output_rescale
-            else None
-        )
-        self._balance_loss: torch.Tensor | None = None
+        # pieces a method attaches (`attach_extension`): shared ones, and client-local ones (never aggregated)
+        self.extensions = nn.ModuleDict()
+        self.local_extensions = nn.ModuleDict()
         self._top_k = native_top_k
         self.track_utilization = True
         # statistics, not model state: excluded from state_dict
@@ -195,10 +191,10 @@ class UBSMoEBlock(nn.Module):
         routed = torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype))
         if down_projection is not None:
             routed = routed + lora.token_down(down_projection, token_of_row, expert_of_row, x.shape[0]).to(x.dtype)
-        out = self.rescale(routed)
-        if self.training and self.config.load_balance_coef > 0:
-            balance = switch_load_balancing_loss(routing.probs, routing.expert_index, self.num_experts)
-            self._balance_loss = self.config.load_balance_coef * balance
+        out = self.routed_output(routed)
+        if self.training:
+            for extension in self._all_extensions():
+                extension.observe_routing(routing.probs, routing.expert_index)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -207,9 +203,19 @@ class UBSMoEBlock(nn.Module):
         self._record(routing.probs, routing.expert_index, counts, top_k)
         return out
 
-    def rescale(self, routed: torch.Tensor) -> torch.Tensor:
-        """The routed experts' output times the A3SMoE output scale (unchanged without one)."""
-        return routed if self.output_scale is None else routed * self.output_scale.to(routed.dtype)
+    def routed_output(self, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output as the attached extensions change it (unchanged without any)."""
+        for extension in self._all_extensions():
+            routed = extension.routed_output(routed)
+        return routed
+
+    def attach_extension(self, name: str, extension: BlockExtension) -> None:
+        """Attach a method's piece (`ubsmoe.moe.extensions`), on this block's device."""
+        extension = extension.to(self.phi.device)
+        (self.local_extensions if extension.client_local else self.extensions)[name] = extension
+
+    def _all_extensions(self) -> list[BlockExtension]:
+        return [*self.extensions.values(), *self.local_extensions.values()]
 
     @torch.no_grad()
     def _record(self, probs: torch.Tensor, expert_index: torch.Tensor, counts: torch.Tensor, top_k: int) -> None:
@@ -247,10 +253,10 @@ class UBSMoEBlock(nn.Module):
         c = self.config
         return range_regularizer(self.phi, c.phi_min, c.phi_max, c.range_lambda)
 
-    def balance_loss(self) -> torch.Tensor:
-        """SMoE-LLB's weighted load-balancing loss of the last training forward, then forgotten (0 when off)."""
-        loss, self._balance_loss = self._balance_loss, None
-        return loss if loss is not None else self.phi.new_zeros(())
+    def aux_loss(self) -> torch.Tensor:
+        """The attached extensions' loss terms of the last training forward, then forgotten (0 without any)."""
+        terms = [t for t in (e.aux_loss() for e in self._all_extensions()) if t is not None]
+        return torch.stack(terms).sum() if terms else self.phi.new_zeros(())
 
     @torch.no_grad()
     def apply_pseudo_gradient(self) -> None:

@@ -43,6 +43,9 @@ def sparsity_factor(num_experts: int, top_k: int, form: str = "complement") -> f
     raise ValueError(f"unknown rho form {form!r}; allowed: {', '.join(RHO_FORMS)}")
 
 
+_RETIRED_FIELDS = frozenset({"load_balance_coef", "output_rescale"})
+
+
 @dataclass(frozen=True)
 class UBSMoEConfig:
     """Per-layer settings of the UB-SMoE block (DESIGN 2.1-2.3)."""
@@ -70,9 +73,6 @@ class UBSMoEConfig:
     # where the hidden-side LoRA projections (A of gate/up, B of down) run: per routed row or per token
     # over all experts (ubsmoe.moe.experts); auto = tokens for MoEfied blocks, rows for native ones
     lora_projection: Literal["auto", "rows", "tokens"] = "auto"
-    # baselines (DESIGN 2.5): off for UB-SMoE
-    load_balance_coef: float = 0.0  # SMoE-LLB: weight of the Switch load-balancing loss of each block
-    output_rescale: bool = False  # A3SMoE: a learnable scale on the routed experts' output (client-local)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -94,8 +94,6 @@ class UBSMoEConfig:
             problems.append(f"pg_kappa must be >= 0, got {self.pg_kappa!r}")
         if self.pg_rho_form not in RHO_FORMS:
             problems.append(f"pg_rho_form must be one of {RHO_FORMS}, got {self.pg_rho_form!r}")
-        if self.load_balance_coef < 0:
-            problems.append(f"load_balance_coef must be >= 0, got {self.load_balance_coef!r}")
         if self.lora_projection not in LORA_PROJECTIONS:
             problems.append(f"lora_projection must be one of {LORA_PROJECTIONS}, got {self.lora_projection!r}")
         if self.implementation not in IMPLEMENTATIONS:
@@ -115,6 +113,9 @@ class UBSMoEConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UBSMoEConfig:
+        # fields of earlier versions, now pieces the methods attach (ubsmoe.moe.extensions): a saved model
+        # or adapter folder that still names them reads as before (off here; the method attaches its own)
+        data = {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
         return dataclass_from_dict(cls, data)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from ubsmoe.moe.block import UBSMoEBlock
+from ubsmoe.moe.extensions import BlockExtension
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -36,12 +38,19 @@ def range_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([b.range_loss() for b in blocks]).sum()
 
 
-def balance_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the blocks' SMoE-LLB load-balancing losses of the last training forward (zero when off)."""
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the blocks' extension loss terms of the last training forward (zero without any)."""
     blocks = moe_blocks(model)
     if not blocks:
         return torch.zeros(())
-    return torch.stack([b.balance_loss() for b in blocks]).sum()
+    return torch.stack([b.aux_loss() for b in blocks]).sum()
+
+
+def attach_extensions(model: nn.Module, factories: Mapping[str, Callable[[], BlockExtension]]) -> None:
+    """Attach one fresh extension per factory to every block (a method's pieces, `Method.block_extensions`)."""
+    for block in moe_blocks(model):
+        for name, make in factories.items():
+            block.attach_extension(name, make())
 
 
 def apply_pseudo_gradients(model: nn.Module) -> None:

@@ -85,7 +85,7 @@ class MoEfiedBlock(UBSMoEBlock):
             projected = torch.bmm(inner.transpose(0, 1).to(lora_a.dtype), lora_a.transpose(1, 2))  # (M, T, r)
             projected = (lora.scaling * projected).transpose(0, 1).reshape(tokens, -1)
             out = out + F.linear(projected, lora_b.transpose(0, 1).reshape(hidden, -1))
-        out = self.rescale(out.to(x.dtype))
+        out = self.routed_output(out.to(x.dtype))
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         self._record_dense(x)

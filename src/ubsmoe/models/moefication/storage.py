@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 
 # ---- save / load -------------------------------------------------------------------------------
 def _is_adapter_key(key: str, block_names: Sequence[str]) -> bool:
-    """Trainable block state that the saved model does not carry: phi, expert LoRA, A3SMoE's output scale."""
+    """Trainable block state that the saved model does not carry: phi, expert LoRA, a method's extensions."""
     return any(
-        key in (f"{name}.phi", f"{name}.output_scale") or key.startswith(f"{name}.lora.") for name in block_names
+        key == f"{name}.phi" or key.startswith((f"{name}.lora.", f"{name}.extensions.", f"{name}.local_extensions."))
+        for name in block_names
     )
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ubsmoe.moe.extensions import LOCAL_EXTENSIONS
+
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_FOLDER = "peft"
@@ -131,14 +133,22 @@ def _split(adapters: Mapping[str, torch.Tensor], rank: int) -> tuple[list[_Exper
 def _leftovers(
     rest: Mapping[str, torch.Tensor], prefixes: set[str], *, phi_matters: bool
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The trainable router weights by block, and notes on phi and output scales; refuses anything else."""
+    """The trainable router weights by block, and notes on phi and client-local parameters; refuses anything else."""
     routers: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     for key, tensor in rest.items():
+        block, local, _ = key.partition(f".{LOCAL_EXTENSIONS}.")
+        if local and block in prefixes:  # a client-local extension's parameter (A3SMoE's output scale)
+            if bool(tensor.ne(1).any()) and "client-local" not in " ".join(notes):
+                notes.append(
+                    "the model holds client-local block parameters (A3SMoE's output scales) other than 1: they are "
+                    "not part of the export, which is the global expert LoRA (the model without them)"
+                )
+            continue
         prefix, _, name = key.rpartition(".")
         if prefix not in prefixes:
             raise PeftExportError(
-                f"{key!r} is trainable but is no UB-SMoE block's expert LoRA, phi, output scale or router; the peft "
+                f"{key!r} is trainable but is no UB-SMoE block's expert LoRA, phi, client-local parameter or router; the peft "
                 "export has no place for it"
             )
         if name == "router_weight":
@@ -148,12 +158,6 @@ def _leftovers(
                 notes.append(
                     "phi is non-zero: the peft model routes as the base router (phi dropped), an approximation of the "
                     "UB-SMoE model"
-                )
-        elif name == "output_scale":
-            if bool(tensor.ne(1).any()) and "output scale" not in " ".join(notes):
-                notes.append(
-                    "the model holds A3SMoE output scales other than 1: they are client-local and not part of the "
-                    "export, which is the global expert LoRA (the model with unit output scales)"
                 )
         else:
             raise PeftExportError(f"{key!r}: the peft export has no place for a block's {name!r}")
