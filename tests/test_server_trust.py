@@ -231,7 +231,7 @@ def test_the_simulation_drops_hostile_updates_with_their_reasons(tmp_path, monke
     monkeypatch.setattr(rounds, "client_update", hostile)
     model = build_model()
     records = simulation.run_simulation(
-        model, DATA, TOP_KS, SETTINGS, rounds=2, fraction=1.0, seed=7, batch_size=4, out_dir=tmp_path
+        model, DATA, TOP_KS, SETTINGS, tmp_path, run={"rounds": 2, "fraction": 1.0, "seed": 7, "batch_size": 4}
     )
     expected = {
         0: {

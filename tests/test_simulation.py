@@ -59,9 +59,12 @@ DATA = make_client_data()
 
 
 def run(model, out_dir, **kwargs):
-    options = {"rounds": ROUNDS, "fraction": 1.0, "seed": 7, "batch_size": 4}
-    options.update(kwargs)
-    return run_simulation(model, DATA, TOP_KS, SETTINGS, out_dir=out_dir, **options)
+    """run_simulation with this file's run settings; run-setting and hook keywords go where they belong."""
+    settings = {"rounds": ROUNDS, "fraction": 1.0, "seed": 7, "batch_size": 4}
+    settings.update({k: kwargs.pop(k) for k in simulation.RUN_KEYS if k in kwargs})
+    names = [f.name for f in dataclasses.fields(simulation.SimulationHooks)]
+    hooks = simulation.SimulationHooks(**{k: kwargs.pop(k) for k in names if k in kwargs})
+    return run_simulation(model, DATA, TOP_KS, SETTINGS, out_dir, run=settings, hooks=hooks, **kwargs)
 
 
 def strip_timing(value):
@@ -314,9 +317,9 @@ def test_fraction_samples_the_same_clients_in_every_run(tmp_path):
 
 def test_bad_inputs_give_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="4 clients' data but 3 top_ks"):
-        run_simulation(build_model(), DATA, [1, 1, 2], SETTINGS, rounds=1, out_dir=tmp_path)
+        run_simulation(build_model(), DATA, [1, 1, 2], SETTINGS, tmp_path, run={"rounds": 1})
     with pytest.raises(ValueError, match="client 1 has no examples"):
-        run_simulation(build_model(), [DATA[0], []], [1, 1], SETTINGS, rounds=1, out_dir=tmp_path)
+        run_simulation(build_model(), [DATA[0], []], [1, 1], SETTINGS, tmp_path, run={"rounds": 1})
 
 
 def test_client_batches_are_a_seeded_shuffle():

@@ -57,7 +57,7 @@ from ubsmoe.fl.outdir import (
     write_run_marker,
 )
 from ubsmoe.fl.payload import GlobalState
-from ubsmoe.fl.simulation import CHECKPOINT_DIR, run_simulation
+from ubsmoe.fl.simulation import CHECKPOINT_DIR, SimulationHooks, run_simulation
 from ubsmoe.fl.tiers import Tier, TierEvaluator, evaluation_due, experiment_tiers, tier_flops
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
 from ubsmoe.models.native import ModelLoadError
@@ -389,23 +389,26 @@ def _run_stages(
         return result
 
     try:
+        hooks = SimulationHooks(
+            evaluate=evaluate,
+            on_round=reporter.round_finished,
+            on_round_start=lambda r, p: reporter.round_started(
+                r, config.federation.rounds, p, config.federation.local_steps
+            ),
+            on_step=reporter.step,
+        )
         records = run_simulation(
             model,
             data.client_encoded,
             top_ks,
             settings,
-            rounds=config.federation.rounds,
-            out_dir=out,
-            evaluate=evaluate,
-            on_round=reporter.round_finished,
+            out,
+            run={"rounds": config.federation.rounds},
             resume=resume,
+            hooks=hooks,
             pad_id=pad_token_id(tokenizer),
             max_norm=config.federation.max_update_norm,
             keep_checkpoints=config.output.keep_checkpoints,
-            on_round_start=lambda r, p: reporter.round_started(
-                r, config.federation.rounds, p, config.federation.local_steps
-            ),
-            on_step=reporter.step,
         )
     except ValueError as error:
         if not (resume and str(error).startswith("cannot resume from")):

@@ -1,6 +1,6 @@
 """In-process federated simulation with one base model in memory, checkpoints and exact resume (DESIGN 2.4, 5, 6).
 
-`run_simulation(model, client_data, client_top_ks, settings, rounds, ...)` runs the federated protocol
+`run_simulation(model, client_data, client_top_ks, settings, out_dir, ...)` runs the federated protocol
 of DESIGN 2.4 in one process over the round engine the Flower app also uses (`ubsmoe.fl.rounds`:
 `Federation.plan`, `local_round` for each client, `Federation.fold`):
 
@@ -65,6 +65,8 @@ __all__ = [
     "CHECKPOINT_DIR",
     "METRICS_FILE",
     "TIMING_KEYS",
+    "RUN_KEYS",
+    "SimulationHooks",
     "SimulationRecords",
     "client_batches",
     "derive_seed",
@@ -89,16 +91,19 @@ class SimulationRecords(list):
     checkpoint: str | None = None
 
 
+RUN_KEYS = ("rounds", "fraction", "seed", "batch_size", "zeta", "eps", "dmr")
+"""The run's settings besides the clients' (`resolve_run`); the simulation's `run` overrides any of them."""
+
+
 def resolve_run(
-    settings: ClientSettings | ExperimentConfig,
-    rounds: int | None,
-    fraction: float | None,
-    seed: int | None,
-    batch_size: int | None,
-    zeta: float | None,
-    eps: float | None,
-    dmr: bool | None,
+    settings: ClientSettings | ExperimentConfig, overrides: Mapping[str, Any] | None = None
 ) -> tuple[ClientSettings, dict[str, Any]]:
+    """(the clients' settings, the run's settings `RUN_KEYS`): from an ExperimentConfig, or defaults around
+    ClientSettings (rounds = settings.total_rounds, fraction 1, seed 0, batch_size 8, zeta 0.9, eps 1e-6,
+    dmr on); `overrides` replaces any of them (a None value keeps the default)."""
+    unknown = sorted(set(overrides or {}) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"run: unknown setting(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}")
     if isinstance(settings, ClientSettings):
         client_settings = settings
         defaults = {
@@ -121,16 +126,23 @@ def resolve_run(
             "eps": settings.dmr.eps,
             "dmr": settings.dmr_active,
         }
-    given = {
-        "rounds": rounds,
-        "fraction": fraction,
-        "seed": seed,
-        "batch_size": batch_size,
-        "zeta": zeta,
-        "eps": eps,
-        "dmr": dmr,
-    }
-    return client_settings, {k: defaults[k] if v is None else v for k, v in given.items()}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return client_settings, {**defaults, **given}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationHooks:
+    """Callbacks of a simulation (all optional)."""
+
+    evaluate: Callable[[nn.Module, int, GlobalState], Mapping[str, Any]] | None = None
+    """`evaluate(model, round, state)` after each round's aggregation (model holds the new global state,
+    `state`); its JSON-able dict goes to the record's "eval"."""
+    on_round: Callable[[dict[str, Any]], None] | None = None
+    """Called with each round's record after its checkpoint is written."""
+    on_round_start: Callable[[int, list[int]], None] | None = None
+    """`on_round_start(round, participants)` when a round begins."""
+    on_step: Callable[[int, int, int], None] | None = None
+    """`on_step(round, client, step)` after each local step (for progress bars)."""
 
 
 def _check_inputs(client_data: Sequence[Sequence[Any]], client_top_ks: Sequence[int], run: dict[str, Any]) -> None:
@@ -230,21 +242,12 @@ def run_simulation(
     client_data: Sequence[Sequence[Mapping[str, Sequence[int]]]],
     client_top_ks: Sequence[int],
     settings: ClientSettings | ExperimentConfig,
-    rounds: int | None = None,
-    fraction: float | None = None,
-    seed: int | None = None,
     out_dir: str | os.PathLike[str] = "runs/simulation",
-    batch_size: int | None = None,
-    evaluate: Callable[[nn.Module, int], Mapping[str, Any]] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    resume: bool = False,
     *,
-    on_round_start: Callable[[int, list[int]], None] | None = None,
-    on_step: Callable[[int, int, int], None] | None = None,
+    run: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    hooks: SimulationHooks | None = None,
     pad_id: int | None = None,
-    zeta: float | None = None,
-    eps: float | None = None,
-    dmr: bool | None = None,
     max_norm: float | None = None,
     keep_checkpoints: int | None = None,
     method: Method | None = None,
@@ -256,15 +259,11 @@ def run_simulation(
         model: an adapted model (`adapt_moe_model`); it ends holding the final global state.
         client_data: each client's encoded examples (`encode_for_training` dicts); client i has id i.
         client_top_ks: K_c of each client.
-        settings: `ClientSettings`, or an `ExperimentConfig` (which also supplies the defaults of
-            rounds, fraction, seed, batch_size, zeta, eps and dmr). With `ClientSettings` the defaults
-            are rounds = settings.total_rounds, fraction 1, seed 0, batch_size 8, zeta 0.9, eps 1e-6, dmr on.
-        evaluate: called as `evaluate(model, round, state)` after each round's aggregation (model holds
-            the new global state, `state`); its JSON-able dict goes to the record's "eval".
-        on_round: called with each round's record after its checkpoint is written.
-        on_round_start: called as `on_round_start(round, participants)` when a round begins.
-        on_step: called as `on_step(round, client, step)` after each local step (for progress bars).
+        settings: `ClientSettings`, or an `ExperimentConfig` (which also supplies the run's settings).
+        run: overrides of the run's settings (`RUN_KEYS`: rounds, fraction, seed, batch_size, zeta, eps,
+            dmr; `resolve_run` gives their defaults).
         resume: continue from the newest checkpoint in `out_dir/checkpoint` (fresh start if none).
+        hooks: evaluation and progress callbacks (`SimulationHooks`).
         pad_id: padding id for `collate` (default: model.config.pad_token_id, else 0).
         max_norm: drop updates whose delta norm exceeds it (`validate_update`).
         keep_checkpoints: keep only this many newest checkpoints (None = all).
@@ -282,7 +281,8 @@ def run_simulation(
     activation rate of each expert, L x M) per layer,
     mean_utilization_cv, changed, eval, round_time_s.
     """
-    client_settings, run = resolve_run(settings, rounds, fraction, seed, batch_size, zeta, eps, dmr)
+    hooks = hooks or SimulationHooks()
+    client_settings, run = resolve_run(settings, run)
     _check_inputs(client_data, client_top_ks, run)
     if method is None:
         if isinstance(settings, ClientSettings):
@@ -320,15 +320,15 @@ def run_simulation(
     )
     for round_index in range(state.round, total_rounds):
         plan = federation.plan(round_index)
-        if on_round_start is not None:
-            on_round_start(round_index, list(plan.participants))
+        if hooks.on_round_start is not None:
+            hooks.on_round_start(round_index, list(plan.participants))
         updates = {}
         for client, work in plan.clients.items():
             step_hook = None
-            if on_step is not None:
+            if hooks.on_step is not None:
 
                 def step_hook(step: int, _round: int = round_index, _client: int = client) -> None:
-                    on_step(_round, _client, step)
+                    hooks.on_step(_round, _client, step)
 
             updates[client] = local_round(
                 model,
@@ -349,17 +349,17 @@ def run_simulation(
         load_global_state(model, new_state)
         eval_metrics: Mapping[str, Any] = {}
         eval_time = 0.0
-        if evaluate is not None:
+        if hooks.evaluate is not None:
             torch.manual_seed(derive_seed(run_seed, round_index, "eval"))
             eval_start = time.perf_counter()
-            eval_metrics = evaluate(model, round_index, new_state) or {}
+            eval_metrics = hooks.evaluate(model, round_index, new_state) or {}
             eval_time = time.perf_counter() - eval_start
             load_global_state(model, new_state)  # an evaluation may have loaded per-tier views
         lines, record = federation.outputs(plan, updates, report, eval_metrics, eval_time)
         records.append(record)
         save_round(out, new_state, records, lines, fingerprint, keep_checkpoints)
-        if on_round is not None:
-            on_round(record)
+        if hooks.on_round is not None:
+            hooks.on_round(record)
     return records
 
 

@@ -140,7 +140,7 @@ class UBSMoEStrategy(Strategy):
         self.min_replies, self.round_timeout, self.fraction_evaluate = min_replies, round_timeout, fraction_evaluate
         self.keep_checkpoints = keep_checkpoints
         self.method = runtime.method
-        self.client_settings, self.run = resolve_run(config, None, None, None, None, None, None, None)
+        self.client_settings, self.run = resolve_run(config)
         self.max_norm = config.federation.max_update_norm
         model = runtime.loaded.model
         self.client_ids = list(range(config.num_clients))
