@@ -19,8 +19,8 @@ exact after a resume and never drifts by repeated adds. A client's fresh A is dr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +43,52 @@ from ubsmoe.methods.lora import (
 from ubsmoe.methods.rank import RankMethod
 
 _MERGED_A, _MERGED_B, _LAST_WIDTH = "merged_A.", "merged_B.", "last_merge_rank"
+
+
+@dataclass
+class Merges:
+    """FLoRA's state between rounds: the merged factors of every adapted weight so far (concatenated along
+    the rank axis, B @ A = the sum of the merged updates) and the rank of the last round's merge.
+
+    It travels as the method state's tensors `merged_A.<key>`, `merged_B.<key>` and `last_merge_rank`
+    (`read` / `tensors`), so checkpoints and Flower records carry it unchanged.
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    last_width: int = 0
+
+    @classmethod
+    def read(cls, method_state: Mapping[str, torch.Tensor]) -> Merges:
+        factors = {
+            name[len(_MERGED_A) :]: (A, method_state[_MERGED_B + name[len(_MERGED_A) :]])
+            for name, A in method_state.items()
+            if name.startswith(_MERGED_A)
+        }
+        return cls(factors, int(method_state.get(_LAST_WIDTH, torch.tensor(0))))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The factors as method-state tensors (without `last_merge_rank`)."""
+        out = {}
+        for key, (A, B) in self.factors.items():
+            out[_MERGED_A + key], out[_MERGED_B + key] = A, B
+        return out
+
+    def write(self, method_state: dict[str, torch.Tensor]) -> None:
+        method_state.update(self.tensors())
+        if self.last_width:
+            method_state[_LAST_WIDTH] = torch.tensor(self.last_width)
+
+    def append(self, key: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Add one round's merged update of the weight of LoRA key `key`."""
+        old = self.factors.get(key)
+        self.factors[key] = (A, B) if old is None else (torch.cat([old[0], A], -2), torch.cat([old[1], B], -1))
+
+    def last(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last round's merged update of one weight (None before any merge)."""
+        if key not in self.factors or not self.last_width:
+            return None
+        A, B = self.factors[key]
+        return A[..., -self.last_width :, :], B[..., -self.last_width :]
 
 
 def flora_stack(
@@ -105,32 +151,33 @@ class FLoRA(RankMethod):
     def combine_pairs(self, result, key_a, key_b, As, Bs, weights) -> None:
         dtype = result.adapters[key_a].dtype
         A_new, B_new = self.compress(As, Bs, weights)
-        widths = result.report.setdefault("_widths", [])
-        widths.append(A_new.shape[-2])
-        for prefix, new, dim in ((_MERGED_A, A_new, -2), (_MERGED_B, B_new, -1)):
-            old = result.method_state.get(prefix + key_a)
-            result.method_state[prefix + key_a] = new.to(dtype) if old is None else torch.cat([old, new.to(dtype)], dim)
+        merges = Merges.read(result.method_state)
+        merges.append(key_a, A_new.to(dtype), B_new.to(dtype))
+        merges.write(result.method_state)
+        result.report.setdefault("_widths", []).append(A_new.shape[-2])
 
     def finish_round(self, result: Aggregate, updates: Sequence[ClientUpdate]) -> None:
         """The merge's rank (FLoRA: the sum of the client ranks; FLoRIST: p, the max over weights)."""
         widths = result.report.pop("_widths", [])
         if widths:
-            result.method_state[_LAST_WIDTH] = torch.tensor(max(widths))
+            merges = Merges.read(result.method_state)
+            merges.last_width = max(widths)
+            merges.write(result.method_state)
             result.report["merge_rank"] = {"max": max(widths), "mean": sum(widths) / len(widths)}
 
     def sent_state(self, state: GlobalState) -> dict[str, torch.Tensor]:
         """Every merge so far: a client rebuilds its base from the original weights (`BaseMerger`)."""
-        return {k: v for k, v in state.method_state.items() if k.startswith((_MERGED_A, _MERGED_B))}
+        return Merges.read(state.method_state).tensors()
 
     def sent_tensors(self, state: GlobalState, rank: int | None) -> list[torch.Tensor]:
         """Last round's merged update (the stacked factors, or FLoRIST's rank-p pair) plus any non-LoRA
         adapter; the fresh adapters are drawn on the client."""
-        width = int(state.method_state.get(_LAST_WIDTH, torch.tensor(0)))
+        merges = Merges.read(state.method_state)
         sent = [state.adapters[k] for k in non_lora_keys(state.adapters)]
         for key_a, _ in lora_pairs(state.adapters):
-            A, B = state.method_state.get(_MERGED_A + key_a), state.method_state.get(_MERGED_B + key_a)
-            if A is not None and B is not None and width:
-                sent += [A[..., -width:, :], B[..., -width:]]
+            last = merges.last(key_a)
+            if last is not None:
+                sent += list(last)
         return sent
 
     def tier_view(self, state: GlobalState, rank: int | None, clients: Sequence[int]) -> GlobalState:
@@ -168,12 +215,9 @@ class BaseMerger:
 
     @torch.no_grad()
     def apply(self, state: GlobalState) -> None:
-        for name, A in state.method_state.items():
-            if not name.startswith(_MERGED_A):
-                continue
-            key_a = name[len(_MERGED_A) :]
+        for key_a, (A, B) in Merges.read(state.method_state).factors.items():
             weight = self._weight(key_a)
             if key_a not in self.originals:
                 self.originals[key_a] = weight.detach().to("cpu", copy=True)
-            merged = merge_into(self.originals[key_a], A, state.method_state[_MERGED_B + key_a])
+            merged = merge_into(self.originals[key_a], A, B)
             weight.copy_(merged.to(weight.dtype))

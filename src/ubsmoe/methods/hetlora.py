@@ -177,11 +177,11 @@ class HetLoRA(RankMethod):
         return {"penalty": b.hetlora_penalty, "gamma": b.hetlora_gamma, "prune_ratio": b.hetlora_prune_ratio}
 
     def initial_state(self, client_ranks: Sequence[int]) -> dict[str, torch.Tensor]:
-        return {"ranks": torch.tensor(list(client_ranks), dtype=torch.long)}
+        return _write_ranks({}, list(client_ranks))
 
     def client_rank(self, state: GlobalState, client: int, configured: int) -> int | None:
-        ranks = state.method_state.get("ranks")
-        return int(ranks[client]) if ranks is not None and client < ranks.numel() else configured
+        ranks = _ranks(state.method_state)
+        return ranks[client] if ranks is not None and client < len(ranks) else configured
 
     def extra_loss(
         self, adapters: Mapping[str, torch.Tensor], rank: int | None, start: Mapping[str, torch.Tensor]
@@ -208,10 +208,24 @@ class HetLoRA(RankMethod):
 
     def finish_round(self, result: Aggregate, updates: Sequence[ClientUpdate]) -> None:
         """A client's proposed `next_rank` (never above its current rank) becomes its rank next round."""
-        ranks = result.method_state["ranks"].clone()
+        ranks = _ranks(result.method_state) or []
         for update in updates:
             proposed = update.metrics.get("next_rank")
-            if isinstance(proposed, int | float) and 1 <= int(proposed) <= int(ranks[int(update.client_id)]):
+            if isinstance(proposed, int | float) and 1 <= int(proposed) <= ranks[int(update.client_id)]:
                 ranks[int(update.client_id)] = int(proposed)
-        result.method_state["ranks"] = ranks
-        result.report["client_ranks"] = ranks.tolist()
+        _write_ranks(result.method_state, ranks)
+        result.report["client_ranks"] = ranks
+
+
+# HetLoRA's state between rounds: every client's current rank, as the method-state tensor `ranks`
+_RANKS = "ranks"
+
+
+def _ranks(method_state: Mapping[str, torch.Tensor]) -> list[int] | None:
+    ranks = method_state.get(_RANKS)
+    return None if ranks is None else [int(r) for r in ranks.tolist()]
+
+
+def _write_ranks(method_state: dict[str, torch.Tensor], ranks: list[int]) -> dict[str, torch.Tensor]:
+    method_state[_RANKS] = torch.tensor(ranks, dtype=torch.long)
+    return method_state
