@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ubsmoe.data.multiple_choice import MultipleChoice, from_bigbench, from_llm_adapters
-from ubsmoe.metrics.evaluation import loglik_accuracy, perplexity, sequence_logprobs
+from ubsmoe.metrics.evaluation import loglik_accuracy, perplexity, sequence_logprobs, wilson_interval
 
 COMMONSENSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -121,7 +121,21 @@ def test_batched_scoring_matches_one_by_one(tiny_lm):
     one = loglik_accuracy(tiny_lm, tokenizer, examples, batch_size=1)
     seven = loglik_accuracy(tiny_lm, tokenizer, examples, batch_size=7)
     assert one.pop("answer_nll") == pytest.approx(seven.pop("answer_nll"), rel=1e-5)
+    records_one, records_seven = one.pop("examples"), seven.pop("examples")
+    assert [r["gold_nll"] for r in records_one] == pytest.approx([r["gold_nll"] for r in records_seven], rel=1e-5)
+    assert [(r["prediction"], r["correct"], r["gold_tokens"]) for r in records_one] == [
+        (r["prediction"], r["correct"], r["gold_tokens"]) for r in records_seven
+    ]
     assert one == seven
+
+
+def test_the_wilson_interval_is_not_zero_width_at_zero_or_one():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((1 - high, 1.0))
+    low, high = wilson_interval(50, 100)  # symmetric, slightly narrower than the normal one
+    assert (low + high) / 2 == pytest.approx(0.5) and high - 0.5 == pytest.approx(0.0962, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
 def test_perplexity_is_exp_mean_nll(tiny_lm):

@@ -240,13 +240,16 @@ def test_result_keys_and_chance():
         MultipleChoice("d\nanswer:", ("yes", "y", "n", "m"), 0),
     ]
     result = generate_accuracy(ForcedModel(" yes"), CharTokenizer(), examples, batch_size=3)
-    assert set(result) == {"protocol", "accuracy", "ci95", "n", "chance", "unmatched"}
+    assert set(result) == {"protocol", "accuracy", "ci95", "wilson95", "n", "chance", "unmatched", "examples"}
+    assert [r["prediction"] for r in result["examples"]] == [0, None, 1, 0]  # b's generation names no choice
+    assert [r["correct"] for r in result["examples"]] == [True, False, True, True]
+    assert all(r["generation"] == " yes" for r in result["examples"])
     assert result["protocol"] == "generate"
     assert result["n"] == 4
     assert result["chance"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 2 + 1 / 4) / 4)
     assert result["accuracy"] == pytest.approx(3 / 4)  # example b names no choice
     assert result["unmatched"] == pytest.approx(1 / 4)
-    assert result["ci95"] == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 4))
+    assert result["ci95"] == pytest.approx(1.959964 * math.sqrt(0.75 * 0.25 / 4))  # as the loglik protocol
 
 
 def test_empty_examples():

@@ -154,6 +154,22 @@ def test_outputs_follow_the_contract(reference):
     )
     assert (out / "adapters" / "adapter.safetensors").is_file()
     assert (out / "checkpoint").is_dir() and (out / "config.yaml").is_file()
+    # each evaluation's per-example records: the same examples for every tier, adding up to its accuracies
+    assert sorted(p.name for p in (out / "evaluations").iterdir()) == [
+        "initial.jsonl",
+        "round_0001.jsonl",
+        "round_0002.jsonl",
+    ]
+    records = [json.loads(line) for line in (out / "evaluations" / "round_0002.jsonl").read_text().splitlines()]
+    per_tier = {t: [(r["task"], r["index"]) for r in records if r["tier"] == t] for t in (0, 1)}
+    assert per_tier[0] == per_tier[1] and len(per_tier[0]) == sum(
+        result["n"] for result in saved["tiers"][0]["accuracy"]["per_task"].values()
+    )
+    for tier in saved["tiers"]:
+        for task, result in tier["accuracy"]["per_task"].items():
+            mine = [r for r in records if r["tier"] == tier["tier"] and r["task"] == task]
+            assert sum(r["correct"] for r in mine) == round(result["accuracy"] * result["n"])
+            assert result["wilson95"][0] <= result["accuracy"] <= result["wilson95"][1]
     if saved["tensorboard"] is not None:
         assert any(Path(saved["tensorboard"]).iterdir())
     # every stage's wall time (a stage lasts until the next begins), adding up to the whole run
@@ -320,9 +336,17 @@ def test_dmr_lowers_the_utilization_cv(setup):
 
 def test_the_generate_protocol_is_named_and_scored(setup):
     quick = ["federation.rounds=1", "evaluation.protocol=generate", "evaluation.max_new_tokens=4", "output.plots=false"]
-    summary = run_experiment(_config(setup, *quick), setup["root"] / "generate")
+    out = setup["root"] / "generate"
+    summary = run_experiment(_config(setup, *quick), out)
     assert summary["evaluation"]["protocol"] == "generate"
     for tier in summary["tiers"]:
         assert 0.0 <= tier["accuracy"]["mean"] <= 1.0
         assert tier["answer_perplexity"] > 1.0
         assert tier["train_flops_per_round"][0] > 0
+    # every generation is written with the choice parsed from it, so a score can be audited
+    records = [json.loads(line) for line in (out / "evaluations" / "round_0001.jsonl").read_text().splitlines()]
+    assert {"generation", "prediction", "correct", "gold_nll", "gold_tokens", "task", "index"} <= set(records[0])
+    for tier in summary["tiers"]:
+        mine = [r for r in records if r["tier"] == tier["tier"]]
+        for task, result in tier["accuracy"]["per_task"].items():
+            assert sum(r["correct"] for r in mine if r["task"] == task) == round(result["accuracy"] * result["n"])

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -58,7 +59,7 @@ from ubsmoe.fl.outdir import (
 )
 from ubsmoe.fl.payload import GlobalState
 from ubsmoe.fl.simulation import CHECKPOINT_DIR, SimulationHooks, run_simulation
-from ubsmoe.fl.tiers import Tier, TierEvaluator, evaluation_due, experiment_tiers, tier_flops
+from ubsmoe.fl.tiers import EVALUATIONS_DIR, Tier, TierEvaluator, evaluation_due, experiment_tiers, tier_flops
 from ubsmoe.models.loading import LoadedModel, load_experiment_model
 from ubsmoe.models.native import ModelLoadError
 from ubsmoe.paths import write_text_atomic
@@ -280,6 +281,7 @@ def _undo_unstarted_run(out: Path) -> None:
     for name in (CONFIG_FILE, RUN_MARKER, RUN_LOG, INITIAL_EVAL_FILE):
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
+    shutil.rmtree(out / EVALUATIONS_DIR, ignore_errors=True)
 
 
 def _run_locked(
@@ -321,9 +323,12 @@ class ExperimentSetup:
     """Seconds from the run's start until the model and the data were loaded."""
 
 
-def set_up_experiment(config: ExperimentConfig, reporter: Any, started: float) -> ExperimentSetup:
+def set_up_experiment(
+    config: ExperimentConfig, reporter: Any, started: float, out: Path | None = None
+) -> ExperimentSetup:
     """Load the model and the data, check them against the config, count each tier's FLOPs and prepare
-    the per-tier evaluation; `reporter` (a `_TimedReporter`) times each stage."""
+    the per-tier evaluation (its per-example records go to `out/evaluations/`); `reporter` (a
+    `_TimedReporter`) times each stage."""
     reporter.begin("model", "loading the model")
     loaded = load_experiment_model(config, progress=reporter.stage, steps=reporter.steps, begin=reporter.begin)
     cache = loaded.info.get("moefication_cache")
@@ -342,7 +347,8 @@ def set_up_experiment(config: ExperimentConfig, reporter: Any, started: float) -
     reporter.begin("flops", "measuring training FLOPs per tier")
     flops = tier_flops(loaded.model, config, tiers, data)
     reporter.begin("evaluation_setup", "preparing the evaluation")
-    evaluator = TierEvaluator(loaded, config, data, tiers, reporter)
+    records = out / EVALUATIONS_DIR if out is not None else None
+    evaluator = TierEvaluator(loaded, config, data, tiers, reporter, records)
     return ExperimentSetup(loaded, data, top_ks, tiers, flops, evaluator, load_s)
 
 
@@ -359,7 +365,7 @@ def _run_stages(
     from ubsmoe.report.summary import build_summary, write_outputs, write_summary
 
     settings = _prepare_resume(out, config) if resume else config
-    setup = set_up_experiment(config, reporter, started)
+    setup = set_up_experiment(config, reporter, started, out)
     loaded, data, top_ks, tiers, flops, evaluator = (
         setup.loaded,
         setup.data,

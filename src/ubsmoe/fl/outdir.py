@@ -68,6 +68,7 @@ RUN_OUTPUTS = (
     "summary.json",
     RUN_LOG,
     "checkpoint",
+    "evaluations",
     "adapters",
     "plots",
     "tensorboard",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import statistics
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from ubsmoe.metrics.flops import ModelDims, count_flops, flops_per_token
 from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.models.loading import LoadedModel
 from ubsmoe.moe import model_device, moe_blocks, set_top_k
+from ubsmoe.paths import write_text_atomic
 
 FLOP_SAMPLES = 2
 
@@ -143,8 +146,18 @@ class TierEvaluator:
     K and the adapters are left at the last tier's; the simulation reloads the global state after it.
     """
 
-    def __init__(self, loaded: LoadedModel, config: ExperimentConfig, data: FederatedData, tiers: list[Tier], reporter):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: ExperimentConfig,
+        data: FederatedData,
+        tiers: list[Tier],
+        reporter: Any,
+        records_dir: Path | None = None,
+    ):
         self.loaded, self.config, self.data, self.tiers, self.reporter = loaded, config, data, tiers, reporter
+        self.records_dir = records_dir
+        """Where each evaluation's per-example records go (`evaluation_file`); None: nowhere."""
         self.heldout: list[list[int]] = []
         if config.evaluation.heldout_tokens:
             from ubsmoe.data.calibration import HELDOUT_TASKS, task_texts, token_blocks
@@ -158,7 +171,8 @@ class TierEvaluator:
     def __call__(self, model: nn.Module, round: int | None, state: GlobalState | None = None) -> dict[str, Any]:
         label = "before training" if round is None else f"after round {round + 1}"
         self.reporter.evaluation_started(f"evaluating {len(self.tiers)} tiers {label}", self.units * len(self.tiers))
-        results = []
+        results: list[dict[str, Any]] = []
+        examples: list[dict[str, Any]] = []
         try:
             for tier in self.tiers:
                 if state is not None:
@@ -178,11 +192,13 @@ class TierEvaluator:
                 )
                 if self.heldout:
                     result["heldout_perplexity"] = perplexity(model, self.heldout)
-                results.append(
-                    {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": tier.rank, **result}
-                )
+                where = {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": tier.rank}
+                examples += [{**where, **record} for record in result.pop("examples")]
+                results.append({**where, **result})
         finally:
             self.reporter.evaluation_finished()
+        if self.records_dir is not None:
+            self._write_examples(examples, round)
         accuracies = [r["accuracy"] for r in results]
         intervals = [r["ci95"] for r in results]
         return {
@@ -194,6 +210,23 @@ class TierEvaluator:
             "mean_ci95": statistics.fmean(intervals),
             "chance": results[0]["chance"],
         }
+
+    def _write_examples(self, examples: list[dict[str, Any]], round: int | None) -> None:
+        """One JSON line per (tier, example): what each tier answered, whether it was right, the gold
+        answer's NLL, and under `generate` the generated text; the same examples for every tier."""
+        path = evaluation_file(self.records_dir, round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in examples))
+
+
+EVALUATIONS_DIR = "evaluations"
+"""Where a run writes each evaluation's per-example records (`TierEvaluator`, `records_dir`)."""
+
+
+def evaluation_file(records_dir: Path, round: int | None) -> Path:
+    """The per-example records of the evaluation before training (`initial.jsonl`) or after round `round`
+    (0-based; `round_0001.jsonl` after the first, as the checkpoints are named)."""
+    return records_dir / ("initial.jsonl" if round is None else f"round_{round + 1:04d}.jsonl")
 
 
 @torch.no_grad()

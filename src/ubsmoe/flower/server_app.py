@@ -142,7 +142,7 @@ def _run_locked(grid: Grid, options: ServerOptions, config: ExperimentConfig, ou
     if not options.resume:
         config = prepare_output(out, config, resume=False)
     reporter = timed_reporter(_LogReporter(), started)
-    setup = set_up_experiment(config, reporter, started)  # the same set-up as `ubsmoe run`
+    setup = set_up_experiment(config, reporter, started, out)  # the same set-up as `ubsmoe run`
     runtime = make_runtime(config, setup.loaded, setup.data)
     model = runtime.loaded.model
     reporter.begin("federation", "starting the federation")

@@ -62,12 +62,35 @@ def _score_rows(
     return scores, counts
 
 
-def _accuracy(correct: Sequence[bool], examples: Sequence[MultipleChoice]) -> dict[str, Any]:
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (NaNs for n = 0).
+
+    Unlike the normal approximation p +- z sqrt(p (1 - p) / n), it is not zero-width at 0% or 100%
+    and stays inside [0, 1].
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def accuracy_summary(correct: Sequence[bool], examples: Sequence[MultipleChoice]) -> dict[str, Any]:
+    """Accuracy, its 95% normal-approximation half-width `ci95`, its Wilson interval `wilson95` [low,
+    high], n and the chance level (the mean of 1 / number of choices)."""
     n = len(correct)
     accuracy = sum(correct) / n if n else float("nan")
     half_width = Z95 * math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
     chance = sum(1 / len(e.choices) for e in examples) / n if n else float("nan")
-    return {"accuracy": accuracy, "ci95": half_width, "n": n, "chance": chance}
+    return {
+        "accuracy": accuracy,
+        "ci95": half_width,
+        "wilson95": list(wilson_interval(sum(correct), n)),
+        "n": n,
+        "chance": chance,
+    }
 
 
 def loglik_accuracy(
@@ -85,22 +108,27 @@ def loglik_accuracy(
     perplexity of the correct answers, a more sensitive quality measure than accuracy.
     """
     scores, counts = _score_rows(model, tokenizer, examples, batch_size, max_prompt_tokens, on_batch)
-    correct = [max(range(len(s)), key=s.__getitem__) == e.answer for s, e in zip(scores, examples, strict=True)]
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = [p == e.answer for p, e in zip(predictions, examples, strict=True)]
+    gold = [(-s[e.answer], c[e.answer]) for s, c, e in zip(scores, counts, examples, strict=True)]
     return {
         "protocol": "loglik",
-        **_accuracy(correct, examples),
-        "answer_nll": -sum(s[e.answer] for s, e in zip(scores, examples, strict=True)),
-        "answer_tokens": sum(c[e.answer] for c, e in zip(counts, examples, strict=True)),
+        **accuracy_summary(correct, examples),
+        "answer_nll": sum(nll for nll, _ in gold),
+        "answer_tokens": sum(tokens for _, tokens in gold),
+        "examples": [
+            {"prediction": p, "correct": c, "gold_nll": nll, "gold_tokens": tokens}
+            for p, c, (nll, tokens) in zip(predictions, correct, gold, strict=True)
+        ],
     }
 
 
-def answer_nll(
+def answer_nlls(
     model: Any, tokenizer: Any, examples: Sequence[MultipleChoice], batch_size: int = 16, max_prompt_tokens: int = 384
-) -> tuple[float, int]:
-    """(summed negative log-likelihood, token count) of the gold answers only."""
+) -> list[tuple[float, int]]:
+    """(negative log-likelihood, token count) of each example's gold answer."""
     scores, counts = _score_rows(model, tokenizer, examples, batch_size, max_prompt_tokens, None, gold_only=True)
-    nll = -sum(s[e.answer] for s, e in zip(scores, examples, strict=True))
-    return nll, sum(c[e.answer] for c, e in zip(counts, examples, strict=True))
+    return [(-s[e.answer], c[e.answer]) for s, c, e in zip(scores, counts, examples, strict=True)]
 
 
 def evaluate_tasks(
@@ -116,11 +144,14 @@ def evaluate_tasks(
 
     The interval of the mean combines the tasks' binomial variances: 1.96 * sqrt(sum_t p_t (1 - p_t) / n_t) / T.
     `answer_perplexity` is exp(mean NLL per gold-answer token) over all tasks' examples (under
-    `generate` it costs one extra scoring pass of the gold answers).
+    `generate` it costs one extra scoring pass of the gold answers). `examples` holds one record per
+    example (task, index, prediction or None, correct, gold_nll, gold_tokens; under `generate` also the
+    generated text), in task order: what paired comparisons and audits need.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
     per_task: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
     nll, tokens = 0.0, 0
     for task, examples in tasks.items():
         if protocol == "loglik":
@@ -130,8 +161,12 @@ def evaluate_tasks(
             from ubsmoe.metrics.generation import generate_accuracy
 
             result = generate_accuracy(model, tokenizer, examples, batch_size, max_new_tokens, on_batch=on_batch)
-            task_nll, task_tokens = answer_nll(model, tokenizer, examples, batch_size)
+            gold = answer_nlls(model, tokenizer, examples, batch_size)
+            for record, (example_nll, example_tokens) in zip(result["examples"], gold, strict=True):
+                record.update(gold_nll=example_nll, gold_tokens=example_tokens)
+            task_nll, task_tokens = sum(n for n, _ in gold), sum(t for _, t in gold)
         result.pop("protocol", None)
+        records += [{"task": task, "index": i, **r} for i, r in enumerate(result.pop("examples"))]
         per_task[task] = result
         nll, tokens = nll + task_nll, tokens + task_tokens
     accuracies = [r["accuracy"] for r in per_task.values()]
@@ -144,6 +179,7 @@ def evaluate_tasks(
         "chance": sum(r["chance"] for r in per_task.values()) / count if count else float("nan"),
         "answer_perplexity": math.exp(nll / tokens) if tokens else float("nan"),
         "per_task": per_task,
+        "examples": records,
     }
 
 

@@ -11,7 +11,6 @@ whose text occurs first in them (`first_choice_match`); a generation that names 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from ubsmoe.data.multiple_choice import MultipleChoice
 from ubsmoe.data.prompts import encode_text, left_pad, pad_token_id
+from ubsmoe.metrics.evaluation import accuracy_summary
 from ubsmoe.metrics.kv_cache import cache_keyword, forward_takes, returned_cache
 from ubsmoe.moe.model import model_device
 
@@ -155,11 +155,12 @@ def generate_accuracy(
     max_prompt_tokens: int = 384,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of the `generate` protocol, with a 95% normal-approximation interval.
+    """Accuracy of the `generate` protocol, with its 95% intervals (`accuracy_summary`).
 
-    Returns {"protocol": "generate", "accuracy", "ci95", "n", "chance", "unmatched"}; `unmatched` is
-    the share of generations that named no choice (counted as wrong), `chance` the mean of
-    1/len(choices).
+    Returns {"protocol": "generate", "accuracy", "ci95", "wilson95", "n", "chance", "unmatched",
+    "examples"}; `unmatched` is the share of generations that named no choice (counted as wrong),
+    `chance` the mean of 1/len(choices), `examples` each generation with its parsed choice (None when
+    it names none) and whether that is the answer.
     """
     texts = generate_continuations(
         model,
@@ -172,16 +173,14 @@ def generate_accuracy(
     )
     predictions = [first_choice_match(text, example.choices) for text, example in zip(texts, examples, strict=True)]
     n = len(examples)
-    correct = sum(p == e.answer for p, e in zip(predictions, examples, strict=True))
-    accuracy = correct / n if n else float("nan")
-    half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
-    chance = sum(1 / len(e.choices) for e in examples) / n if n else float("nan")
+    correct = [p == e.answer for p, e in zip(predictions, examples, strict=True)]
     unmatched = sum(p is None for p in predictions) / n if n else float("nan")
     return {
         "protocol": "generate",
-        "accuracy": accuracy,
-        "ci95": half_width,
-        "n": n,
-        "chance": chance,
+        **accuracy_summary(correct, examples),
         "unmatched": unmatched,
+        "examples": [
+            {"prediction": p, "correct": c, "generation": text}
+            for p, c, text in zip(predictions, correct, texts, strict=True)
+        ],
     }
