@@ -46,6 +46,13 @@ def test_a_short_comparison_writes_its_table_and_plots(setup):
         "accuracy_vs_flops.png",
         "utilization_cv.png",
     ]
+    # smoe-naive against ubsmoe, example by example on the same seeds (the runs' evaluations/ records)
+    paired = comparison["paired"]
+    assert paired["reference"] == "ubsmoe" and list(paired["methods"]) == ["smoe-naive"]
+    for tier in paired["methods"]["smoe-naive"]:
+        accuracy = tier["accuracy"]
+        assert accuracy["n"] > 0 and accuracy["low"] <= accuracy["mean"] <= accuracy["high"]
+    assert "Paired differences to ubsmoe" in table
     again = _compare(setup, "ubsmoe,smoe-naive", out)  # every run is reused
     assert again.exit_code == 0 and again.output.count("reused") == 4
     assert json.loads((out / "comparison.json").read_text())["methods"] == comparison["methods"]

@@ -97,6 +97,29 @@ def variant_config(base: ExperimentConfig, label: str, seed: int) -> ExperimentC
     return ExperimentConfig.from_dict(data)
 
 
+def _paired(
+    summaries: dict[str, list[dict[str, Any]]], folders: dict[str, list[Path]], rounds: int
+) -> dict[str, Any] | None:
+    """Every method against the first, example by example on the last evaluation (`ubsmoe.report.paired`);
+    None when a run wrote no per-example records (runs from before they were written)."""
+    from ubsmoe.fl.tiers import EVALUATIONS_DIR, evaluation_file
+    from ubsmoe.report.paired import paired_tier_differences, read_records
+
+    records = {
+        label: [read_records(evaluation_file(folder / EVALUATIONS_DIR, rounds - 1)) for folder in runs]
+        for label, runs in folders.items()
+        if label in summaries
+    }
+    if len(records) < 2 or any(r is None for runs in records.values() for r in runs):
+        return None
+    reference, *others = records
+    tiers = [tier["tier"] for tier in summaries[reference][0]["tiers"]]
+    return {
+        "reference": reference,
+        "methods": {label: paired_tier_differences(records[reference], records[label], tiers) for label in others},
+    }
+
+
 def _check_folder(base: ExperimentConfig, out: Path) -> None:
     saved = out / BASE_CONFIG
     if saved.is_file():
@@ -154,10 +177,11 @@ def _compare(
     run = run or (lambda config, folder, resume: run_experiment(config, folder, resume=resume))
     started = time.perf_counter()
     summaries: dict[str, list[dict[str, Any]]] = {}
+    folders: dict[str, list[Path]] = {}  # the run folder of each summary, in the same order
     candidates: dict[str, int | None] = {}
     missing: list[dict[str, Any]] = []
     for label in labels:
-        summaries[label] = []
+        summaries[label], folders[label] = [], []
         for index in range(seeds):
             seed = base.seed + index
             config = variant_config(base, label, seed)
@@ -183,11 +207,13 @@ def _compare(
             elif status == "started":
                 summary = run(config, folder, False)
             summaries[label].append(summary)
+            folders[label].append(folder)
 
     summaries = {label: runs for label, runs in summaries.items() if runs}
     if not summaries:
         raise ConfigError(f"{out} holds no finished run of {', '.join(labels)} yet")
     comparison = build_comparison(summaries)
+    comparison["paired"] = _paired(summaries, folders, base.federation.rounds)
     comparison["missing"] = missing
     comparison["command"] = " ".join(sys.argv)
     comparison["seeds"] = seeds

@@ -125,7 +125,35 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         )
     chance = comparison.get("chance")
     note = f"\n{comparison.get('protocol')} accuracy; chance {100 * chance:.1f}%." if chance is not None else ""
-    return "\n".join(lines) + "\n" + note + "\n"
+    return "\n".join(lines) + "\n" + note + "\n" + _paired_markdown(comparison.get("paired"), budgets)
+
+
+def _paired_markdown(paired: Mapping[str, Any] | None, budgets: Sequence[float]) -> str:
+    """Per tier, each method minus the reference on the same examples and seeds, with paired 95% intervals
+    (`ubsmoe.report.paired`); empty when no run wrote per-example records."""
+    if not paired or not paired.get("methods"):
+        return ""
+
+    def cell(entry: Mapping[str, Any], scale: float, digits: int) -> str:
+        if entry.get("mean") is None:
+            return "-"
+        mark = " *" if entry["low"] > 0 or entry["high"] < 0 else ""
+        return f"{scale * entry['mean']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, {scale * entry['high']:+.{digits}f}]{mark}"
+
+    header = ["method"] + [f"β={b:g} Δacc pts" for b in budgets] + [f"β={b:g} ΔNLL/token" for b in budgets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, tiers in paired["methods"].items():
+        lines.append(
+            "| "
+            + " | ".join(
+                [label] + [cell(t["accuracy"], 100, 1) for t in tiers] + [cell(t["answer_nll"], 1, 3) for t in tiers]
+            )
+            + " |"
+        )
+    return (
+        f"\nPaired differences to {paired['reference']} on the same examples and seeds (mean [95% bootstrap "
+        "interval]; * where the interval excludes zero; a lower answer NLL is better):\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def write_comparison_plots(comparison: Mapping[str, Any], folder: Path) -> list[Path]:

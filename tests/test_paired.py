@@ -1,0 +1,50 @@
+"""Paired comparisons of two methods on the same examples (`ubsmoe.report.paired`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ubsmoe.report.comparison import comparison_markdown
+from ubsmoe.report.paired import paired_bootstrap, paired_tier_differences
+
+
+def test_a_constant_difference_has_that_interval_and_noise_straddles_zero():
+    assert paired_bootstrap([0.5] * 40) == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 40}
+    noise = paired_bootstrap([1.0, -1.0] * 50)
+    assert noise["mean"] == 0 and noise["low"] < 0 < noise["high"]
+    assert paired_bootstrap([1.0, -1.0] * 50) == noise  # seeded
+    assert paired_bootstrap([])["mean"] is None
+
+
+def _records(tier_correct, nll):
+    return [
+        {"tier": tier, "task": "t", "index": i, "correct": c, "gold_nll": nll * 2, "gold_tokens": 2}
+        for tier, correct in tier_correct.items()
+        for i, c in enumerate(correct)
+    ]
+
+
+def test_pairs_are_the_same_example_of_the_same_seed():
+    # seed 0: the other method gets tier 0 right everywhere the reference got it wrong; tier 1 equal
+    reference = [_records({0: [False] * 10, 1: [True] * 10}, nll=1.0)] * 2
+    other = [_records({0: [True] * 10, 1: [True] * 10}, nll=0.75)] * 2
+    tiers = paired_tier_differences(reference, other, [0, 1])
+    assert tiers[0]["accuracy"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 20}
+    assert tiers[1]["accuracy"]["mean"] == 0.0 and tiers[1]["accuracy"]["n"] == 20
+    assert tiers[0]["answer_nll"]["mean"] == pytest.approx(-0.25)  # per token: 0.75 - 1.0
+    shifted = [[{**r, "index": r["index"] + 5} for r in run] for run in other]  # only 5 examples in common
+    assert paired_tier_differences(reference, shifted, [0])[0]["accuracy"]["n"] == 10
+
+
+def test_the_table_marks_intervals_that_exclude_zero():
+    entry = {"mean": 0.1, "low": 0.05, "high": 0.15, "n": 10}
+    flat = {"mean": 0.0, "low": -0.1, "high": 0.1, "n": 10}
+    comparison = {
+        "budgets": [0.5],
+        "methods": [],
+        "paired": {"reference": "ubsmoe", "methods": {"smoe-naive": [{"accuracy": entry, "answer_nll": flat}]}},
+    }
+    table = comparison_markdown(comparison)
+    assert "Paired differences to ubsmoe" in table
+    assert "| smoe-naive | +10.0 [+5.0, +15.0] * | +0.000 [-0.100, +0.100] |" in table
+    assert "Paired" not in comparison_markdown({**comparison, "paired": None})
