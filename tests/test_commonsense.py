@@ -366,3 +366,39 @@ def test_a_task_file_with_one_record(tmp_path):
 
     data = federated_data(_data_section(tmp_path, "piqa"), 1, Characters(), None)
     assert len(data.train["piqa"]) == len(data.test["piqa"]) == 1
+
+
+def test_the_dev_and_test_halves_are_disjoint_seeded_and_cover_the_held_out_examples():
+    from ubsmoe.data.federated import split_dev_test
+    from ubsmoe.data.multiple_choice import MultipleChoice
+
+    examples = [MultipleChoice(f"q{i}", ("a", "b"), i % 2) for i in range(21)]
+    dev, test = split_dev_test(examples, 0.5, seed=3, task="boolq")
+    assert len(dev) == 10 and len(test) == 11  # round(10.5) = 10 (banker's rounding)
+    assert {e.prompt for e in dev}.isdisjoint(e.prompt for e in test)
+    assert sorted(e.prompt for e in dev + test) == sorted(e.prompt for e in examples)
+    assert split_dev_test(examples, 0.5, seed=3, task="boolq") == (dev, test)  # seeded
+    assert split_dev_test(examples, 0.5, seed=4, task="boolq")[0] != dev
+    assert [len(part) for part in split_dev_test(examples[:2], 0.9, seed=0, task="t")] == [1, 1]
+
+
+def test_the_evaluation_split_picks_disjoint_examples_from_the_held_out_ones(tmp_path):
+    from ubsmoe.data.federated import federated_data
+
+    class Characters:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+    records = [_piqa("solution1" if i % 2 else "solution2") for i in range(12)]
+    for i, record in enumerate(records):
+        record["instruction"] = record["instruction"].replace("a jar", f"jar number {i}")
+    _write(tmp_path, "piqa/test.json", json.dumps(records[:8]))
+    _write(tmp_path, "piqa/train.json", json.dumps(records[8:]))
+    section = _data_section(tmp_path, "piqa")
+    every = federated_data(section, 1, Characters(), None).test["piqa"]
+    dev = federated_data(section, 1, Characters(), None, eval_split="dev").test["piqa"]
+    test = federated_data(section, 1, Characters(), None, eval_split="test").test["piqa"]
+    assert len(dev) == len(test) == 4 and {e.prompt for e in dev}.isdisjoint(e.prompt for e in test)
+    assert sorted(e.prompt for e in dev + test) == sorted(e.prompt for e in every)

@@ -311,6 +311,10 @@ class BaselinesSection(_Section):
 class EvaluationSection(_Section):
     protocol: Literal["loglik", "generate"] = "loglik"
     examples_per_task: int | None = Field(10, ge=1, description="held-out examples per task; null = all")
+    split: Literal["all", "dev", "test"] = Field(
+        "all", description="held-out examples evaluated: all, or the dev / test half (disjoint, seeded by data.seed)"
+    )
+    dev_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="share of each task's held-out examples in dev")
     batch_size: int = Field(32, ge=1, description="examples per evaluation batch")
     max_new_tokens: int = Field(32, ge=1, description="protocol 'generate' only")
     every: int = Field(1, ge=1, description="evaluate every this many rounds (the last round always)")

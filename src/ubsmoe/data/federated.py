@@ -12,7 +12,9 @@ cap keeps the task's label mix) and pooled; the pool is partitioned over the cli
 Dirichlet(alpha) over each example's task, or over its (task, answer index) pair with
 `data.partition_label: task_answer`; seed `data.seed`), and each client's examples are
 encoded for training (answer-only loss). Evaluation uses a seeded sample of at most
-`eval_examples_per_task` test examples per task, the same for every round and tier.
+`eval_examples_per_task` test examples per task, the same for every round and tier, drawn from the
+task's held-out examples (`eval_split` "all"), or from one of two disjoint, seeded halves of them
+(`split_dev_test`): "dev" for choosing settings, "test" for the final tables only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ubsmoe.data.prompts import encode_for_training
 if TYPE_CHECKING:
     from ubsmoe.config import DataSection
 
-__all__ = ["DataError", "FederatedData", "federated_data"]
+__all__ = ["EVAL_SPLITS", "DataError", "FederatedData", "federated_data", "split_dev_test"]
 
 
 class DataError(ValueError):
@@ -83,6 +85,24 @@ def _task_examples(
     return split_train_test(examples, section.test_fraction, section.seed)
 
 
+EVAL_SPLITS = ("all", "dev", "test")
+
+
+def split_dev_test(
+    examples: Sequence[MultipleChoice], dev_fraction: float, seed: int, task: str
+) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
+    """(dev, test): a seeded split of a task's held-out examples, round(n * dev_fraction) of them dev (at
+    least one in each part when n >= 2), both in their original order; the same for every run with this
+    `data.seed`, whatever the method, so settings chosen on dev never see a test example."""
+    order = list(range(len(examples)))
+    random.Random(f"ubsmoe-dev-test:{seed}:{task}").shuffle(order)
+    count = round(len(examples) * dev_fraction)
+    if len(examples) >= 2:
+        count = min(max(count, 1), len(examples) - 1)
+    dev, test = sorted(order[:count]), sorted(order[count:])
+    return [examples[i] for i in dev], [examples[i] for i in test]
+
+
 def _sample(items: Sequence[Any], count: int | None, seed: str) -> list[Any]:
     if count is None or count >= len(items):
         return list(items)
@@ -96,8 +116,12 @@ def federated_data(
     tokenizer: Any,
     eval_examples_per_task: int | None,
     progress: Callable[[str], None] | None = None,
+    eval_split: str = "all",
+    dev_fraction: float = 0.5,
 ) -> FederatedData:
     """Load, split, cap, partition and encode the experiment's data (see the module docstring)."""
+    if eval_split not in EVAL_SPLITS:
+        raise DataError(f"evaluation.split = {eval_split!r}: must be one of {', '.join(EVAL_SPLITS)}")
     train: dict[str, list[MultipleChoice]] = {}
     test: dict[str, list[MultipleChoice]] = {}
     for task in section.tasks:
@@ -105,6 +129,14 @@ def federated_data(
             progress(f"data: {task}")
         task_train, task_test = _task_examples(section, task, progress)
         train[task] = _sample(task_train, section.max_train_examples_per_task, f"ubsmoe-train:{section.seed}:{task}")
+        if eval_split != "all":
+            dev, held_out = split_dev_test(task_test, dev_fraction, section.seed, task)
+            if not dev or not held_out:
+                raise DataError(
+                    f"evaluation.split = {eval_split!r}: task {task!r} has {len(task_test)} held-out example(s), too "
+                    "few to split into dev and test halves; use evaluation.split=all or a task with more examples"
+                )
+            task_test = dev if eval_split == "dev" else held_out
         test[task] = _sample(task_test, eval_examples_per_task, f"ubsmoe-eval:{section.seed}:{task}")
         if not train[task] or not test[task]:
             raise DataError(f"data.tasks: task {task!r} has no training or no test examples after the split")

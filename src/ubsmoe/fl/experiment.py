@@ -338,8 +338,15 @@ def set_up_experiment(
         reporter.reporter.stage(f"MoEfication cache {outcome}: {cache.get('path')}")  # a line, not a timed part
     top_ks = config.client_top_ks(loaded.k_max)
     reporter.begin("data", "loading the data")
+    evaluation = config.evaluation
     data = federated_data(
-        config.data, config.num_clients, loaded.tokenizer, config.evaluation.examples_per_task, progress=reporter.stage
+        config.data,
+        config.num_clients,
+        loaded.tokenizer,
+        evaluation.examples_per_task,
+        progress=reporter.stage,
+        eval_split=evaluation.split,
+        dev_fraction=evaluation.dev_fraction,
     )
     config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
     tiers = experiment_tiers(config, top_ks)

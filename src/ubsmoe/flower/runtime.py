@@ -62,7 +62,15 @@ class Runtime:
 def load_runtime(config: ExperimentConfig) -> Runtime:
     """The model and the data of `config`, as `ubsmoe.fl.experiment.run_experiment` loads them."""
     loaded = load_experiment_model(config)
-    data = federated_data(config.data, config.num_clients, loaded.tokenizer, config.evaluation.examples_per_task)
+    evaluation = config.evaluation
+    data = federated_data(
+        config.data,
+        config.num_clients,
+        loaded.tokenizer,
+        evaluation.examples_per_task,
+        eval_split=evaluation.split,
+        dev_fraction=evaluation.dev_fraction,
+    )
     config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
     return make_runtime(config, loaded, data)
 

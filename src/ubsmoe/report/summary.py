@@ -165,6 +165,9 @@ def build_summary(
         "evaluation": {
             "protocol": config.evaluation.protocol,
             "examples_per_task": config.evaluation.examples_per_task,
+            "split": config.evaluation.split,
+            "dev_fraction": config.evaluation.dev_fraction,
+            "data_seed": config.data.seed,
             "round": eval_round,
             "chance": (final or initial or {}).get("chance"),
             "heldout_tokens": config.evaluation.heldout_tokens,
