@@ -87,6 +87,10 @@ def test_bad_methods_and_options_are_one_clear_line(setup, examples_on_path, tmp
     assert problem(f"method={FEDPROX}", "method_options.nu=1") == (
         'method_options = {"nu": 1}: method fedprox:FedProx does not take nu (it takes mu)'
     )
+    assert problem(f"method={FEDPROX}", "method_options.mu=high") == (
+        'method_options = {"mu": "high"}: method fedprox:FedProx: option mu = \'high\' must be float'
+    )
+    assert "must be float" in problem(f"method={FEDPROX}", "method_options.mu=true")
     assert "cannot import nowhere.fedprox" in problem("method=nowhere.fedprox:FedProx")
     assert "not a subclass of ubsmoe.methods.Method" in problem("method=json:JSONDecoder")
     assert not (tmp_path / "never").exists()

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["Aggregate", "Method", "MethodOptionsError"]
 
 _LOCAL = "local."
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+"""Option types `options` checks (a field annotated otherwise is passed as given)."""
 
 
 class MethodOptionsError(ValueError):
@@ -91,11 +93,17 @@ class Method:
         """The method's own hyper-parameters from a configuration: by default its `method_options`,
         checked against the method's fields (MethodOptionsError names what it does not take)."""
         given = dict(config.method_options)
-        known = [f.name for f in dataclasses.fields(cls) if f.name not in ("seed", "scaling")]
-        unknown = sorted(set(given) - set(known))
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("seed", "scaling")}
+        unknown = sorted(set(given) - set(fields))
         if unknown:
-            takes = ", ".join(known) if known else "no options"
+            takes = ", ".join(fields) if fields else "no options"
             raise MethodOptionsError(f"method {config.method} does not take {', '.join(unknown)} (it takes {takes})")
+        for name, value in given.items():
+            wanted = _SIMPLE_TYPES.get(str(fields[name].type))
+            if wanted is not None and (isinstance(value, bool) != (wanted == (bool,)) or not isinstance(value, wanted)):
+                raise MethodOptionsError(
+                    f"method {config.method}: option {name} = {value!r} must be {fields[name].type}"
+                )
         return given
 
     @classmethod
