@@ -48,3 +48,26 @@ def test_the_table_marks_intervals_that_exclude_zero():
     assert "Paired differences to ubsmoe" in table
     assert "| smoe-naive | +10.0 [+5.0, +15.0] * | +0.000 [-0.100, +0.100] |" in table
     assert "Paired" not in comparison_markdown({**comparison, "paired": None})
+
+
+def test_the_lift_script_reads_a_run_folder(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "lift_over_untrained.py"
+    spec = importlib.util.spec_from_file_location("lift_over_untrained", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "evaluations").mkdir()
+    before = _records({0: [False, False, True, True]}, nll=2.0)
+    after = _records({0: [True, True, True, True]}, nll=1.0)
+    for name, records in (("initial", before), ("round_0001", after)):
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (tmp_path / "evaluations" / f"{name}.jsonl").write_text(lines)
+    summary = {"config": {}, "timing": {"total_s": 1.0}, "tiers": [{"tier": 0, "top_k": 2, "budget": 0.25}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = module.lift(tmp_path)
+    (row,) = result["after_minus_before"]["round_0001"]
+    assert result["examples_per_tier"] == 4 and row["top_k"] == 2
+    assert row["accuracy"]["mean"] == 0.5 and row["answer_nll"]["mean"] == pytest.approx(-1.0)
