@@ -55,7 +55,7 @@ from torch import nn
 
 import ubsmoe.fl.client as client_module
 from ubsmoe.fl.client import ClientSettings, client_update, round_lr
-from ubsmoe.fl.simulation import client_batches
+from ubsmoe.fl.rounds import client_batches
 from ubsmoe.methods import Method
 from ubsmoe.metrics.flops import ModelDims, flops_per_token
 from ubsmoe.models.answer_loss import AnswerLoss, answer_loss, split_causal_lm

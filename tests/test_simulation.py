@@ -26,7 +26,8 @@ from ubsmoe.fl.checkpoint import (  # noqa: E402
 )
 from ubsmoe.fl.client import ClientSettings  # noqa: E402
 from ubsmoe.fl.payload import GlobalState, global_state_from_model  # noqa: E402
-from ubsmoe.fl.simulation import TIMING_KEYS, client_batches, run_simulation  # noqa: E402
+from ubsmoe.fl.rounds import client_batches  # noqa: E402
+from ubsmoe.fl.simulation import TIMING_KEYS, run_simulation  # noqa: E402
 from ubsmoe.models import adapt_moe_model, tiny_config  # noqa: E402
 from ubsmoe.moe import UBSMoEConfig, moe_blocks  # noqa: E402
 

@@ -32,9 +32,10 @@ from ubsmoe.data.partition import example_labels, label_histograms, partition
 from ubsmoe.data.prompts import encode_for_training
 
 if TYPE_CHECKING:
-    from ubsmoe.config import DataSection
+    from ubsmoe.config import DataSection, ExperimentConfig
+    from ubsmoe.models.loading import LoadedModel
 
-__all__ = ["EVAL_SPLITS", "DataError", "FederatedData", "federated_data", "split_dev_test"]
+__all__ = ["EVAL_SPLITS", "DataError", "FederatedData", "experiment_data", "federated_data", "split_dev_test"]
 
 
 class DataError(ValueError):
@@ -166,3 +167,23 @@ def federated_data(
         label_histograms=histograms,
         task_histograms=task_histograms,
     )
+
+
+def experiment_data(
+    config: ExperimentConfig, loaded: LoadedModel, progress: Callable[[str], None] | None = None
+) -> FederatedData:
+    """The data of an experiment for its loaded model (`federated_data` with the config's data and
+    evaluation settings), checked against the model (`ExperimentConfig.check_against_model`): what
+    `ubsmoe run`, the Flower ServerApp and every ClientApp load."""
+    evaluation = config.evaluation
+    data = federated_data(
+        config.data,
+        config.num_clients,
+        loaded.tokenizer,
+        evaluation.examples_per_task,
+        progress=progress,
+        eval_split=evaluation.split,
+        dev_fraction=evaluation.dev_fraction,
+    )
+    config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
+    return data

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
-from ubsmoe.data.federated import DataError, FederatedData, federated_data
+from ubsmoe.data.federated import DataError, FederatedData, experiment_data
 from ubsmoe.data.prompts import pad_token_id
 from ubsmoe.fl.outdir import (
     RUN_LOG,
@@ -338,17 +338,7 @@ def set_up_experiment(
         reporter.reporter.stage(f"MoEfication cache {outcome}: {cache.get('path')}")  # a line, not a timed part
     top_ks = config.client_top_ks(loaded.k_max)
     reporter.begin("data", "loading the data")
-    evaluation = config.evaluation
-    data = federated_data(
-        config.data,
-        config.num_clients,
-        loaded.tokenizer,
-        evaluation.examples_per_task,
-        progress=reporter.stage,
-        eval_split=evaluation.split,
-        dev_fraction=evaluation.dev_fraction,
-    )
-    config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
+    data = experiment_data(config, loaded, progress=reporter.stage)
     tiers = experiment_tiers(config, top_ks)
     load_s = time.perf_counter() - started
     reporter.begin("flops", "measuring training FLOPs per tier")

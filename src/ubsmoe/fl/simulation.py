@@ -53,7 +53,7 @@ from ubsmoe.fl.payload import (
     load_global_state,
     phi_range,
 )
-from ubsmoe.fl.rounds import Federation, client_batches, jsonable, local_round, normalised, round_outputs
+from ubsmoe.fl.rounds import Federation, jsonable, local_round, normalised
 from ubsmoe.fl.seeds import derive_seed
 from ubsmoe.paths import write_text_atomic
 
@@ -68,10 +68,8 @@ __all__ = [
     "RUN_KEYS",
     "SimulationHooks",
     "SimulationRecords",
-    "client_batches",
     "derive_seed",
     "resolve_run",
-    "round_outputs",
     "run_fingerprint",
     "run_simulation",
     "save_round",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ubsmoe.config import ExperimentConfig, Tier
-from ubsmoe.data.federated import FederatedData, federated_data
+from ubsmoe.data.federated import FederatedData, experiment_data
 from ubsmoe.data.prompts import pad_token_id
 from ubsmoe.fl.client import ClientSettings
 from ubsmoe.methods import Method
@@ -62,17 +62,7 @@ class Runtime:
 def load_runtime(config: ExperimentConfig) -> Runtime:
     """The model and the data of `config`, as `ubsmoe.fl.experiment.run_experiment` loads them."""
     loaded = load_experiment_model(config)
-    evaluation = config.evaluation
-    data = federated_data(
-        config.data,
-        config.num_clients,
-        loaded.tokenizer,
-        evaluation.examples_per_task,
-        eval_split=evaluation.split,
-        dev_fraction=evaluation.dev_fraction,
-    )
-    config.check_against_model(loaded.k_max, loaded.num_experts, sum(len(c) for c in data.client_encoded))
-    return make_runtime(config, loaded, data)
+    return make_runtime(config, loaded, experiment_data(config, loaded))
 
 
 def make_runtime(config: ExperimentConfig, loaded: LoadedModel, data: FederatedData) -> Runtime:
