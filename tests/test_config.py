@@ -70,12 +70,14 @@ def test_moefication_config_mirrors_the_dataclass():
 
 
 def test_literals_match_the_layer_constants():
-    from ubsmoe.moe.config import IMPLEMENTATIONS, LORA_TARGETS, RHO_FORMS
+    from ubsmoe.moe.config import IMPLEMENTATIONS, LORA_TARGETS, PG_SPACES, RHO_FORMS
 
     for value in LORA_TARGETS:
         load_config(None, [f"lora.targets=[{value}]"])
     for value in RHO_FORMS:
         load_config(None, [f"pseudo_gradient.rho_form={value}"])
+    for value in PG_SPACES:
+        assert load_config(None, [f"pseudo_gradient.space={value}"]).ubsmoe_config().pg_space == value
     for value in IMPLEMENTATIONS:
         load_config(None, [f"moe.implementation={value}"])
 

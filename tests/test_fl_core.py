@@ -323,3 +323,20 @@ def test_client_update_accepts_an_experiment_config(model, start):
     update = client_update(model, start, make_batches(count=1), 1, config, 3)
     assert update.metrics["local_steps"] == 2 and update.metrics["lr"] == config.federation.optimizer.lr
     assert validate_update(update, start) is None
+
+
+def test_client_update_applies_pg_in_the_configured_space():
+    """A local round with PG in update space differs from one in gradient space and from one without PG."""
+    deltas = {}
+    for name, config in (
+        ("none", UBSMoEConfig(lora_rank=4, pseudo_gradient=False)),
+        ("gradient", UBSMoEConfig(lora_rank=4)),
+        ("update", UBSMoEConfig(lora_rank=4, pg_space="update")),
+    ):
+        torch.manual_seed(0)
+        model = adapt_moe_model(transformers.AutoModelForCausalLM.from_config(tiny_config("olmoe")), config)
+        update = run_client(model, global_state_from_model(model), top_k=1)
+        assert all(torch.isfinite(d).all() for d in update.adapter_deltas.values())
+        deltas[name] = torch.cat([d.flatten() for d in update.adapter_deltas.values()])
+    assert not torch.allclose(deltas["update"], deltas["none"])
+    assert not torch.allclose(deltas["update"], deltas["gradient"])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.moe import UBSMoEBlock, UBSMoEConfig, add_pseudo_gradient, apply_pseudo_gradients, sparsity_factor
+from ubsmoe.moe import (
+    UBSMoEBlock,
+    UBSMoEConfig,
+    adapters_before_step,
+    add_pseudo_gradient,
+    apply_pseudo_gradients,
+    apply_pseudo_updates,
+    sparsity_factor,
+)
 
 M, H, I, STARVED = 8, 16, 8, 7
 
@@ -105,3 +113,51 @@ def test_add_pseudo_gradient_pure_function():
     g_bar = torch.tensor([2.0, 3.0])
     torch.testing.assert_close(out, grad + torch.tensor([[0.0], [0.5], [2.0]]) * g_bar)
     assert add_pseudo_gradient(grad, torch.zeros(3), torch.ones(3)) is grad
+
+
+def test_update_space_adds_the_pseudo_update_after_the_optimizer_step():
+    """pg_space = update: the optimizer steps on the real gradients; then every expert gets
+    kappa * rho * q_i * u_bar, u_bar built from the experts' actual updates (the same formula in update space)."""
+    block, x = starved_setup(2, pg_kappa=0.5, pg_space="update")
+    reference, _ = starved_setup(2, pseudo_gradient=False)
+    real = backward(block, x)
+    backward(reference, x)
+    apply_pseudo_gradients(block)  # a no-op in update space: the gradients stay the real ones
+    for name, p in block.lora.named_parameters():
+        torch.testing.assert_close(p.grad, real[name])
+    probs = torch.softmax(x @ block.router_weight.T, dim=-1)
+    active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(2, dim=-1).indices, True)
+    mu, q = (probs * active).sum(0), (probs * ~active).sum(0)
+    optimizers = [torch.optim.AdamW(b.lora.parameters(), lr=1e-2, weight_decay=0.0) for b in (block, reference)]
+    before = adapters_before_step(block)
+    assert adapters_before_step(reference) == [None]
+    for optimizer in optimizers:
+        optimizer.step()
+    apply_pseudo_updates(block, before)
+    apply_pseudo_updates(reference, [None])
+    rho = (M - 2) / 2
+    for p, plain, start in zip(
+        block.lora.adapter_parameters(), reference.lora.adapter_parameters(), before[0], strict=True
+    ):
+        update = plain.detach() - start  # AdamW's update on the real gradients alone
+        expected = start + update + 0.5 * rho * q.view(-1, 1, 1) * update.sum(0) / mu.sum()
+        torch.testing.assert_close(p.detach(), expected)
+        # the never-selected expert moves only by the pseudo-update, at the scale of the real updates
+        assert update[STARVED].abs().max() == 0 and (p.detach() - start)[STARVED].abs().max() > 0
+    assert block._used_mass.abs().sum() == 0  # cleared after the step
+
+
+def test_update_space_is_invariant_to_the_gradient_scale_under_adam():
+    """Scaling the loss scales gradient-space PG's input but not Adam's step; update-space PG follows the step."""
+    moved = []
+    for scale in (1.0, 1e3):
+        block, x = starved_setup(2, pg_space="update")
+        block.zero_grad()
+        (scale * block(x).pow(2).sum()).backward()
+        optimizer = torch.optim.AdamW(block.lora.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12)
+        before = adapters_before_step(block)
+        optimizer.step()
+        apply_pseudo_updates(block, before)
+        down_b = block.lora.adapter_parameters()[-1]  # lora_B["down"], the last adapter tensor
+        moved.append(down_b.detach()[STARVED] - before[0][-1][STARVED])
+    torch.testing.assert_close(moved[0], moved[1])

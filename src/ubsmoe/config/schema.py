@@ -33,6 +33,7 @@ __all__ = ["DEFAULT_TASKS", "EMBEDDED_MODEL", "DataSection", "ExperimentConfig",
 # ---- vocabulary --------------------------------------------------------------------------------
 ExpertTarget = Literal["gate", "up", "down"]  # = ubsmoe.moe.config.LORA_TARGETS (a test keeps them equal)
 RhoForm = Literal["complement", "inverse"]  # = ubsmoe.moe.config.RHO_FORMS
+PGSpace = Literal["gradient", "update"]  # = ubsmoe.moe.config.PG_SPACES
 Implementation = Literal["auto", "grouped_mm", "eager"]  # = ubsmoe.moe.config.IMPLEMENTATIONS
 LoraProjection = Literal["auto", "rows", "tokens"]  # = ubsmoe.moe.config.LORA_PROJECTIONS
 
@@ -206,6 +207,11 @@ class PseudoGradientSection(_Section):
     enabled: bool = True
     kappa: float = Field(1.0, ge=0.0)
     rho_form: RhoForm = "complement"
+    space: PGSpace = Field(
+        "gradient",
+        description="gradient: added to the expert gradients before the optimizer (the paper's form); update: "
+        "added to the optimizer's actual updates after its step, so Adam does not renormalise it",
+    )
 
 
 class LoRASection(_Section):
@@ -527,6 +533,7 @@ class ExperimentConfig(_Section):
             pseudo_gradient=self.pseudo_gradient_active,
             pg_kappa=self.pseudo_gradient.kappa,
             pg_rho_form=self.pseudo_gradient.rho_form,
+            pg_space=self.pseudo_gradient.space,
             implementation=self.moe.implementation,
             lora_projection=self.moe.lora_projection,
         )

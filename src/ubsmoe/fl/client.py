@@ -8,7 +8,8 @@
 3. trains `local_steps` steps, cycling over `batches`, with a fresh AdamW (or SGD) over the
    parameters with `requires_grad`: loss = LM loss over the answer tokens (`answer_loss`: the LM
    head runs only where a label is) + `range_loss(model)`,
-   backward, `apply_pseudo_gradients(model)`, gradient-norm clipping, step;
+   backward, `apply_pseudo_gradients(model)` (PG in gradient space), gradient-norm clipping, step,
+   `apply_pseudo_updates` (PG in update space, `pseudo_gradient.space = update`);
 4. returns a `ClientUpdate`: adapter deltas (local minus global), phi, the counts and tokens of the
    round, num_examples, K_c and metrics, all as detached CPU copies.
 
@@ -42,8 +43,11 @@ from torch import nn
 from ubsmoe.fl.payload import ClientUpdate, GlobalState, adapter_parameters, load_global_state, local_parameters
 from ubsmoe.models.answer_loss import answer_loss
 from ubsmoe.moe import (
+    adapters_before_step,
     apply_pseudo_gradients,
+    apply_pseudo_updates,
     aux_loss,
+    clear_pseudo_gradient_masses,
     collect_utilization,
     get_phi,
     model_device,
@@ -217,7 +221,7 @@ def client_update(
     else:
         optimizer = torch.optim.SGD(parameters, lr=lr, weight_decay=settings.weight_decay)
     optimizer.zero_grad(set_to_none=True)
-    apply_pseudo_gradients(model)  # no gradients yet: only clears stale pseudo-gradient masses
+    clear_pseudo_gradient_masses(model)  # stale masses of forwards outside this round
 
     cycle = _Cycle(batches)
     losses: list[float] = []
@@ -241,10 +245,12 @@ def client_update(
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            apply_pseudo_gradients(model)
+            apply_pseudo_gradients(model)  # PG in gradient space (the paper's form)
             if settings.grad_clip is not None and parameters:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+            before = adapters_before_step(model)
             optimizer.step()
+            apply_pseudo_updates(model, before)  # PG in update space (pseudo_gradient.space = update)
             method.after_step(adapters, rank)
             losses.append(float(loss.detach()))
             lm_losses.append(float(lm_loss.detach()))

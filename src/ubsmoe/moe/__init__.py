@@ -9,9 +9,12 @@ from ubsmoe.moe.dmr import dmr_target, dmr_update, global_utilization, mean_top_
 from ubsmoe.moe.experts import ExpertLoRA, SwiGLU, experts_from_dense, swiglu_experts
 from ubsmoe.moe.extensions import BlockExtension
 from ubsmoe.moe.model import (
+    adapters_before_step,
     apply_pseudo_gradients,
+    apply_pseudo_updates,
     attach_extensions,
     aux_loss,
+    clear_pseudo_gradient_masses,
     collect_utilization,
     get_phi,
     model_device,
@@ -33,11 +36,14 @@ __all__ = [
     "SwiGLU",
     "UBSMoEBlock",
     "UBSMoEConfig",
+    "adapters_before_step",
     "add_pseudo_gradient",
     "apply_pseudo_gradients",
+    "apply_pseudo_updates",
     "attach_extensions",
     "aux_loss",
     "budget_to_top_k",
+    "clear_pseudo_gradient_masses",
     "collect_utilization",
     "dead_experts",
     "dmr_target",

@@ -262,17 +262,45 @@ class UBSMoEBlock(nn.Module):
     def apply_pseudo_gradient(self) -> None:
         """Add the universal pseudo-gradient to the expert-LoRA gradients, then clear the step's masses.
 
-        Call after backward and before the optimizer step; a no-op when PG is off or nothing was
-        recorded (e.g. in eval mode).
+        Call after backward and before the optimizer step; a no-op when PG is off, acts in update
+        space (`pg_space = "update"`: see `adapters_before_step`), or nothing was recorded (eval mode).
         """
-        if self.config.pseudo_gradient:
-            for parameter in self.lora.adapter_parameters():
-                if parameter.grad is not None:
-                    parameter.grad.copy_(
-                        add_pseudo_gradient(
-                            parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa
-                        )
-                    )
+        if not self.config.pseudo_gradient or self.config.pg_space != "gradient":
+            return
+        for parameter in self.lora.adapter_parameters():
+            if parameter.grad is not None:
+                parameter.grad.copy_(
+                    add_pseudo_gradient(parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
+                )
+        self.clear_pseudo_gradient_masses()
+
+    @torch.no_grad()
+    def adapters_before_step(self) -> list[torch.Tensor] | None:
+        """Copies of the expert-LoRA tensors before the optimizer step, when PG acts in update space (else None).
+
+        Update space: the optimizer steps on the real gradients only; `apply_pseudo_update(before)` then
+        adds kappa * (rho_c * q_i) * u_bar to every expert, u_bar = (sum_j Delta_j) / (sum_j mu_j) built
+        from the experts' actual updates Delta_j, so Adam's per-coordinate normalisation cannot rescale it.
+        """
+        if not (self.config.pseudo_gradient and self.config.pg_space == "update" and self.lora.targets):
+            return None
+        return [parameter.detach().clone() for parameter in self.lora.adapter_parameters()]
+
+    @torch.no_grad()
+    def apply_pseudo_update(self, before: list[torch.Tensor] | None) -> None:
+        """After the optimizer step: the pseudo-update in update space (see `adapters_before_step`), then
+        clear the step's masses; a no-op for `before = None`."""
+        if before is None:
+            return
+        for parameter, previous in zip(self.lora.adapter_parameters(), before, strict=True):
+            update = parameter - previous
+            pseudo = add_pseudo_gradient(update, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
+            parameter.add_(pseudo - update)
+        self.clear_pseudo_gradient_masses()
+
+    @torch.no_grad()
+    def clear_pseudo_gradient_masses(self) -> None:
+        """Forget the routing masses recorded since the last step (stale ones from evaluation or an aborted step)."""
         self._used_mass.zero_()
         self._scaled_missed_mass.zero_()
 

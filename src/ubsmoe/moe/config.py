@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 LORA_TARGETS = ("gate", "up", "down")
 RHO_FORMS = ("complement", "inverse")
+PG_SPACES = ("gradient", "update")
 IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 LORA_PROJECTIONS = ("auto", "rows", "tokens")
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class UBSMoEConfig:
     pseudo_gradient: bool = True
     pg_kappa: float = 1.0
     pg_rho_form: Literal["complement", "inverse"] = "complement"
+    # where PG acts: on the gradients before the optimizer (the paper's form) or on the optimizer's
+    # actual updates after its step (survives Adam's per-coordinate normalisation; docs/decisions.md)
+    pg_space: Literal["gradient", "update"] = "gradient"
     # compute
     implementation: Literal["auto", "grouped_mm", "eager"] = "auto"
     # where the hidden-side LoRA projections (A of gate/up, B of down) run: per routed row or per token
@@ -92,6 +96,8 @@ class UBSMoEConfig:
             problems.append(f"range_lambda must be >= 0, got {self.range_lambda!r}")
         if self.pg_kappa < 0:
             problems.append(f"pg_kappa must be >= 0, got {self.pg_kappa!r}")
+        if self.pg_space not in PG_SPACES:
+            problems.append(f"pg_space must be one of {PG_SPACES}, got {self.pg_space!r}")
         if self.pg_rho_form not in RHO_FORMS:
             problems.append(f"pg_rho_form must be one of {RHO_FORMS}, got {self.pg_rho_form!r}")
         if self.lora_projection not in LORA_PROJECTIONS:

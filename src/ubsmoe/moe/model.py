@@ -54,9 +54,26 @@ def attach_extensions(model: nn.Module, factories: Mapping[str, Callable[[], Blo
 
 
 def apply_pseudo_gradients(model: nn.Module) -> None:
-    """After backward, before the optimizer step: the universal pseudo-gradient in every block."""
+    """After backward, before the optimizer step: the universal pseudo-gradient in every block (gradient space)."""
     for block in moe_blocks(model):
         block.apply_pseudo_gradient()
+
+
+def adapters_before_step(model: nn.Module) -> list[list[torch.Tensor] | None]:
+    """Before the optimizer step: every block's expert adapters where PG acts in update space (else None)."""
+    return [block.adapters_before_step() for block in moe_blocks(model)]
+
+
+def apply_pseudo_updates(model: nn.Module, before: list[list[torch.Tensor] | None]) -> None:
+    """After the optimizer step: the pseudo-update of every block that PG acts on in update space."""
+    for block, previous in zip(moe_blocks(model), before, strict=True):
+        block.apply_pseudo_update(previous)
+
+
+def clear_pseudo_gradient_masses(model: nn.Module) -> None:
+    """Forget every block's PG routing masses (before the first local step)."""
+    for block in moe_blocks(model):
+        block.clear_pseudo_gradient_masses()
 
 
 def collect_utilization(model: nn.Module) -> dict[str, torch.Tensor]:
