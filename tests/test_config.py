@@ -495,3 +495,40 @@ def test_a_model_folder_without_tokenizer_files(tmp_path, keep, message):
     text = str(info.value)
     assert text.startswith(f"{folder}: ") and message in text, text
     assert len(text.splitlines()) == 1
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+def test_a_preset_lies_between_the_defaults_and_the_file_and_overrides(tmp_path):
+    from ubsmoe.config.presets import BENCHMARK_TASKS, PRESETS
+
+    plain = load_config(None, [])
+    bench = load_config(None, [], "benchmark")
+    assert bench.data.tasks == BENCHMARK_TASKS and bench.evaluation.split == "dev"
+    assert bench.federation.rounds == PRESETS["benchmark"]["federation"]["rounds"] != plain.federation.rounds
+    assert bench.model == plain.model and bench.moe == plain.moe  # untouched sections keep the defaults
+    (tmp_path / "c.yaml").write_text("federation:\n  local_steps: 2\n")
+    layered = load_config(tmp_path / "c.yaml", ["evaluation.split=test"], "benchmark")
+    assert layered.federation.local_steps == 2 and layered.federation.rounds == bench.federation.rounds
+    assert layered.evaluation.split == "test" and layered.data.tasks == BENCHMARK_TASKS
+    PRESETS["benchmark"]["data"]["tasks"].append("x")  # a caller changing the table ...
+    try:
+        assert load_config(None, [], "benchmark").data.tasks[-1] == "x"
+    finally:
+        PRESETS["benchmark"]["data"]["tasks"].pop()
+    assert load_config(None, [], "benchmark").data.tasks == BENCHMARK_TASKS  # ... and load_config copies it
+
+
+def test_an_unknown_preset_is_one_line_from_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from ubsmoe.cli import app
+
+    for command in (["run", "--out", str(tmp_path / "out")], ["compare", "--out", str(tmp_path / "out")], ["config"]):
+        result = CliRunner().invoke(app, [*command, "--preset", "benchmrk"])
+        assert result.exit_code == 2, result.output
+        assert "error: --preset 'benchmrk': unknown; choose one of benchmark" in " ".join(result.output.split())
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    shown = CliRunner().invoke(app, ["config", "--preset", "benchmark", "--set", "federation.rounds=2"])
+    assert shown.exit_code == 0 and "movie_recommendation" in shown.output and "rounds: 2" in shown.output
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "out"), "--preset", "benchmark"])
+    assert resumed.exit_code == 2 and "drop --config/--set/--preset" in " ".join(resumed.output.split())

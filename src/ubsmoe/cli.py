@@ -144,6 +144,10 @@ def run(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: output.dir of the config, runs/default).")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Start from a named preset before --config and --set: benchmark (docs/running.md)."),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the interrupted run in this folder, with its saved configuration.")
     ] = None,
@@ -153,15 +157,15 @@ def run(
 
     try:
         if resume is not None:
-            if config is not None or overrides:
+            if config is not None or overrides or preset is not None:
                 raise ConfigError(
-                    f"--resume {resume} continues the run with its saved config.yaml; drop --config/--set"
+                    f"--resume {resume} continues the run with its saved config.yaml; drop --config/--set/--preset"
                 )
             if out is not None and out.resolve() != resume.resolve():
                 raise ConfigError(f"--out {out} and --resume {resume} name different folders")
             experiment, folder = None, resume
         else:
-            experiment = load_config(config, overrides or [])
+            experiment = load_config(config, overrides or [], preset)
             folder = out if out is not None else Path(experiment.output.dir)
     except ConfigError as error:
         raise _fail(str(error)) from None
@@ -188,6 +192,10 @@ def compare(
     out: Annotated[Path, typer.Option(help="Comparison folder; run the same command again to resume.")] = Path(
         "runs/compare"
     ),
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Start from a named preset before --config and --set: benchmark (docs/running.md)."),
+    ] = None,
     finished_only: Annotated[
         bool, typer.Option("--finished-only", help="Run nothing: the table of the runs finished so far.")
     ] = False,
@@ -198,7 +206,7 @@ def compare(
 
     try:
         labels = method_labels(methods)
-        base = load_config(config, overrides or [])
+        base = load_config(config, overrides or [], preset)
         if seeds < 1:
             raise ConfigError(f"--seeds {seeds}: must be an integer >= 1")
     except ConfigError as error:
@@ -243,12 +251,16 @@ def show_config(
     out: Annotated[
         Path | None, typer.Option(help="Write it to this file (.yaml/.toml/.json) instead of printing.")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Start from a named preset before --config and --set: benchmark (docs/running.md)."),
+    ] = None,
 ) -> None:
     """Print the full, validated configuration (the defaults, your file, your --set values): a template to edit."""
     from ubsmoe.config import ConfigError, load_config, save_config
 
     try:
-        experiment = load_config(config, overrides or [])
+        experiment = load_config(config, overrides or [], preset)
         if out is not None:
             save_config(experiment, out)
             console.print(f"wrote {out}")

@@ -16,6 +16,10 @@ Method labels are the config's method names plus the N_p ablation of UB-SMoE: `u
 `ubsmoe-np2x`, `ubsmoe-np4x` run `ubsmoe` with moe.num_candidates = 1, 2, 4 x K_max, clipped to the
 M experts (where K_max = M, as in MoEfied models, the three coincide; the comparison says so).
 
+Settings variants (the Python API's `variants`, used by benchmarks/pg_dmr_sweep.py): a label that maps to a
+list of `a.b=c` overrides runs the base configuration with those overrides (and the base's method unless
+they set one), so a sweep over a method's settings shares the reuse, resume, locking and paired tables.
+
 Outputs: `OUT/comparison.json` (`ubsmoe.report.comparison.build_comparison`, plus the command, the
 base configuration and the N_p actually used), `OUT/comparison.md` and `OUT/plots/`.
 
@@ -30,11 +34,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ubsmoe.config import ConfigError, ExperimentConfig, load_config, save_config
+from ubsmoe.config.files import apply_override
 from ubsmoe.methods.registry import is_method_name, method_names
 
 __all__ = ["NP_VARIANTS", "method_labels", "run_comparison", "variant_config"]
@@ -82,13 +87,18 @@ def _k_max_and_experts(config: ExperimentConfig) -> tuple[int, int]:
     return k_max, experts
 
 
-def variant_config(base: ExperimentConfig, label: str, seed: int) -> ExperimentConfig:
-    """The configuration of one (label, seed) run."""
+def variant_config(
+    base: ExperimentConfig, label: str, seed: int, variants: Mapping[str, Sequence[str]] | None = None
+) -> ExperimentConfig:
+    """The configuration of one (label, seed) run (`variants`: labels that stand for `a.b=c` overrides)."""
     data = base.to_dict()
     if seed != base.seed:  # FLOPs do not depend on the seed: count them on the first seed only
         data["evaluation"]["measure_flops"] = False
     data["seed"] = seed
-    if label in NP_VARIANTS:
+    if variants is not None and label in variants:
+        for text in variants[label]:
+            apply_override(data, text)
+    elif label in NP_VARIANTS:
         k_max, experts = _k_max_and_experts(base)
         data["method"] = "ubsmoe"
         data["moe"]["num_candidates"] = min(NP_VARIANTS[label] * k_max, experts)
@@ -143,6 +153,7 @@ def run_comparison(
     run: Callable[[ExperimentConfig | None, Path, bool], dict[str, Any]] | None = None,
     on_run: Callable[[str, int, str], None] | None = None,
     finished_only: bool = False,
+    variants: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every (label, seed), then write and return the comparison; see the module docstring.
 
@@ -155,9 +166,9 @@ def run_comparison(
         raise ConfigError(f"--seeds {seeds}: must be an integer >= 1")
     out = Path(out)
     if finished_only:  # reads while another `ubsmoe compare` may hold the folder
-        return _compare(base, labels, seeds, out, run, on_run, finished_only)
+        return _compare(base, labels, seeds, out, run, on_run, finished_only, variants)
     with lock_output(out):
-        return _compare(base, labels, seeds, out, run, on_run, finished_only)
+        return _compare(base, labels, seeds, out, run, on_run, finished_only, variants)
 
 
 def _compare(
@@ -168,6 +179,7 @@ def _compare(
     run: Callable[[ExperimentConfig | None, Path, bool], dict[str, Any]] | None,
     on_run: Callable[[str, int, str], None] | None,
     finished_only: bool,
+    variants: Mapping[str, Sequence[str]] | None,
 ) -> dict[str, Any]:
     from ubsmoe.fl.checkpoint import latest_checkpoint
     from ubsmoe.fl.experiment import run_experiment
@@ -184,7 +196,7 @@ def _compare(
         summaries[label], folders[label] = [], []
         for index in range(seeds):
             seed = base.seed + index
-            config = variant_config(base, label, seed)
+            config = variant_config(base, label, seed, variants)
             candidates[label] = config.moe.num_candidates
             folder = out / label / f"seed{seed}"
             summary_path = folder / "summary.json"
@@ -218,6 +230,8 @@ def _compare(
     comparison["command"] = " ".join(sys.argv)
     comparison["seeds"] = seeds
     comparison["num_candidates"] = candidates
+    if variants is not None:
+        comparison["variants"] = {label: list(variants[label]) for label in labels if label in variants}
     comparison["base_config"] = base.to_dict()
     comparison["wall_clock_s"] = time.perf_counter() - started
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")

@@ -27,17 +27,22 @@ switches it off, whatever the flag says (`ubsmoe-no-dmr` -> DMR off, `ubsmoe-no-
 This package imports neither torch nor transformers; the builders of the layer configs and the
 method's semantics (`method_class`, the method modules import torch) import them lazily.
 
+A preset (`ubsmoe.config.presets`, e.g. `benchmark`, the comparison's experiment) is a partial
+configuration laid over the defaults before the file and the overrides: `load_config(path, overrides, preset)`.
+
 The package: `schema` (the sections and `ExperimentConfig`), `errors` (`ConfigError` and the rendering
-of pydantic's errors), `files` (files, overrides, `load_config`, `save_config`).
+of pydantic's errors), `files` (files, overrides, `load_config`, `save_config`), `presets`.
 """
 
 from ubsmoe.config.errors import ConfigError
 from ubsmoe.config.files import load_config, parse_override, save_config
+from ubsmoe.config.presets import PRESETS
 from ubsmoe.config.schema import DEFAULT_TASKS, EMBEDDED_MODEL, DataSection, ExperimentConfig, Tier
 
 __all__ = [
     "DEFAULT_TASKS",
     "EMBEDDED_MODEL",
+    "PRESETS",
     "ConfigError",
     "DataSection",
     "ExperimentConfig",

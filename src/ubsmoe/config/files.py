@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ubsmoe.config.errors import ConfigError, _show
+from ubsmoe.config.presets import preset_overrides
 from ubsmoe.config.schema import ExperimentConfig
 
-__all__ = ["load_config", "parse_override", "save_config"]
+__all__ = ["apply_override", "load_config", "parse_override", "save_config"]
 
 
 # ---- files and overrides -----------------------------------------------------------------------
@@ -121,7 +122,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [p.strip() for p in parts], value
 
 
-def _apply(data: dict[str, Any], text: str) -> None:
+def apply_override(data: dict[str, Any], text: str) -> None:
+    """Set one `a.b=c` override in a configuration dict, in place (ConfigError for a malformed one)."""
     parts, value = parse_override(text)
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -157,19 +159,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The defaults, updated by the file (YAML or TOML by suffix; JSON too), then by each `a.b=c` override in order.
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), preset: str | None = None
+) -> ExperimentConfig:
+    """The defaults, updated by the preset (`ubsmoe.config.presets`), then by the file (YAML or TOML by suffix;
+    JSON too), then by each `a.b=c` override in order.
 
-    Raises ConfigError (one line per problem) for unreadable or malformed files, bad overrides and invalid values.
+    Raises ConfigError (one line per problem) for unreadable or malformed files, bad overrides, an unknown
+    preset and invalid values.
     """
-    data = ExperimentConfig().to_dict()
-    source = None
+    data = _merge(ExperimentConfig().to_dict(), preset_overrides(preset))
+    source = f"preset {preset!r}" if preset is not None else None
     if path is not None:
         path = Path(path)
-        source = str(path)
+        source = f"{source} with {path}" if source else str(path)
         data = _merge(data, _read_file(path))
     for text in overrides:
-        _apply(data, text)
+        apply_override(data, text)
     if overrides:
         source = f"{source or 'the defaults'} with --set overrides"
     return ExperimentConfig.from_dict(data, source=source)

@@ -1,0 +1,108 @@
+"""UB-SMoE's open choices (PG's scale and space, DMR's momentum and range) measured on the dev split.
+
+Every variant is the benchmark preset (`ubsmoe.config.presets`, evaluation on the dev half) run by
+UB-SMoE with a few `--set` overrides; all run through `ubsmoe.compare.run_comparison`, so a sweep
+interrupted at any point continues where it stopped when the same command runs again, and each
+variant is paired, example by example, against the first (`default`, today's defaults).
+
+    python benchmarks/pg_dmr_sweep.py --out runs/sweep              # every variant, resumable
+    python benchmarks/pg_dmr_sweep.py --out runs/sweep --only default,pg-off
+    python benchmarks/pg_dmr_sweep.py --out runs/sweep --finished-only   # the table so far, runs nothing
+
+Prints JSON (and writes OUT/sweep.json): per variant and tier, the accuracy and answer perplexity of its
+last evaluation and the paired difference to `default` (accuracy and per-token answer NLL) with its 95%
+bootstrap interval; the utilization CV and dead experts after the last round. N_p is not swept:
+on the embedded default K_max = M = 8, so every N_p in [K_max, M] is the same model (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "pg-off": ["pseudo_gradient.enabled=false"],
+    "pg-kappa-0.25": ["pseudo_gradient.kappa=0.25"],
+    "pg-kappa-4": ["pseudo_gradient.kappa=4.0"],
+    "pg-update": ["pseudo_gradient.space=update"],
+    "pg-update-kappa-0.25": ["pseudo_gradient.space=update", "pseudo_gradient.kappa=0.25"],
+    "dmr-off": ["dmr.enabled=false"],
+    "dmr-zeta-0.5": ["dmr.zeta=0.5"],
+    "dmr-zeta-0.99": ["dmr.zeta=0.99"],
+    "dmr-range-0.5": ["dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
+    "dmr-range-2": ["dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
+}
+"""Today's defaults first (kappa = 1 in gradient space, zeta = 0.9, phi in [-1, 1]); then one change each.
+pg-off is kappa = 0; pg-update applies PG to AdamW's actual updates (pseudo_gradient.space = update)."""
+
+
+def sweep_table(comparison: dict[str, Any]) -> dict[str, Any]:
+    """Per variant and tier: accuracy, answer NLL and the paired difference to the reference variant."""
+    paired = (comparison.get("paired") or {}).get("methods", {})
+    table: dict[str, Any] = {}
+    for row in comparison["methods"]:
+        label = row["label"]
+        tiers = []
+        for index, tier in enumerate(row["tiers"]):
+            keys = ("tier", "budget", "top_k", "accuracy", "initial_accuracy", "answer_perplexity")
+            entry = {key: tier.get(key) for key in keys}
+            if label in paired:
+                entry["vs_default"] = paired[label][index]
+            tiers.append(entry)
+        table[label] = {
+            "overrides": VARIANTS.get(label, []),
+            "seeds": row["seeds"],
+            "utilization_cv": row["utilization_cv"],
+            "dead_experts": row["dead_experts"],
+            "tiers": tiers,
+        }
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--only", default=None, help="comma-separated variants (default: all, in the table's order)")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--preset", default="benchmark")
+    parser.add_argument("--config", type=Path, default=None, help="a config file laid over the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override of the base config")
+    parser.add_argument("--finished-only", action="store_true", help="run nothing: the table of finished runs")
+    args = parser.parse_args(argv)
+
+    from ubsmoe.compare import run_comparison, variant_config
+    from ubsmoe.config import ConfigError, load_config
+
+    try:
+        labels = list(VARIANTS) if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = [label for label in labels if label not in VARIANTS]
+        if unknown or not labels:
+            raise ConfigError(f"--only: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
+        if labels[0] != "default":
+            labels = ["default", *[label for label in labels if label != "default"]]  # the reference comes first
+        base = load_config(args.config, ["method=ubsmoe", *args.overrides], args.preset)
+        for label in labels:  # every variant is a valid configuration before anything runs
+            variant_config(base, label, base.seed, VARIANTS)
+        comparison = run_comparison(
+            base, labels, args.seeds, args.out, finished_only=args.finished_only, variants=VARIANTS
+        )
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = {
+        "benchmark": "UB-SMoE settings on the dev split (paired against 'default')",
+        "base_config": comparison["base_config"],
+        "missing": comparison["missing"],
+        "variants": sweep_table(comparison),
+    }
+    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

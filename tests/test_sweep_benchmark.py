@@ -1,0 +1,58 @@
+"""benchmarks/pg_dmr_sweep.py: settings variants through `run_comparison`, paired against the defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from test_run import QUICK, write_experiment  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pg_dmr_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("pg_dmr_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):
+    from ubsmoe.compare import variant_config
+    from ubsmoe.config import load_config
+
+    base = load_config(None, [], "benchmark")
+    configs = {label: variant_config(base, label, 0, sweep.VARIANTS) for label in sweep.VARIANTS}
+    assert configs["default"] == base
+    assert configs["pg-off"].ubsmoe_config().pseudo_gradient is False
+    assert configs["pg-update"].ubsmoe_config().pg_space == "update"
+    assert configs["dmr-range-0.5"].ubsmoe_config().phi_max == 0.5
+    assert all(c.method == "ubsmoe" and c.evaluation.split == "dev" for c in configs.values())
+    assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs.values()}) == len(configs)
+
+
+def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
+    setup = write_experiment(tmp_path / "setup")
+    sets = [x for item in [*QUICK, "federation.rounds=1"] for x in ("--set", item)]
+    args = ["--out", str(tmp_path / "sweep"), "--only", "pg-update", "--config", str(setup["config"]), *sets]
+    assert sweep.main(args) == 0
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert list(result["variants"]) == ["default", "pg-update"]  # the reference is always run first
+    update = result["variants"]["pg-update"]
+    assert update["overrides"] == ["pseudo_gradient.space=update"]
+    for tier in update["tiers"]:
+        difference = tier["vs_default"]["accuracy"]
+        assert difference["n"] > 0 and difference["low"] <= difference["mean"] <= difference["high"]
+    saved = json.loads((tmp_path / "sweep" / "pg-update" / "seed0" / "summary.json").read_text())
+    assert saved["config"]["pseudo_gradient"]["space"] == "update"
+    capsys.readouterr()
+    assert sweep.main([*args, "--finished-only"]) == 0  # reads the finished runs, runs nothing
+    assert json.loads(capsys.readouterr().out)["variants"].keys() == result["variants"].keys()
+    assert sweep.main(["--out", str(tmp_path / "bad"), "--only", "pg-offf"]) == 2
+    assert "unknown pg-offf" in capsys.readouterr().err and not (tmp_path / "bad").exists()
