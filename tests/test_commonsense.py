@@ -402,3 +402,37 @@ def test_the_evaluation_split_picks_disjoint_examples_from_the_held_out_ones(tmp
     test = federated_data(section, 1, Characters(), None, eval_split="test").test["piqa"]
     assert len(dev) == len(test) == 4 and {e.prompt for e in dev}.isdisjoint(e.prompt for e in test)
     assert sorted(e.prompt for e in dev + test) == sorted(e.prompt for e in every)
+
+
+# ---- LLM-Adapters' instruction form (the paper's generate protocol) -----------------------------------
+def test_the_instruction_form_keeps_the_record_as_llm_adapters_trains_it():
+    from ubsmoe.data.multiple_choice import INSTRUCTION_TEMPLATE
+    from ubsmoe.metrics.generation import first_choice_match
+
+    record = _piqa("solution2")
+    example = parse_record(record, "piqa", "piqa/test.json, record 0", "instruction")
+    assert example.prompt == INSTRUCTION_TEMPLATE.format(instruction=record["instruction"])
+    assert "Solution1: Twist the lid." in example.prompt and "Answer format: solution1/solution2" in example.prompt
+    assert example.choices == ("the correct answer is solution1", "the correct answer is solution2")
+    assert example.choices[example.answer] == record["output"] and example.labels == ("solution1", "solution2")
+    # a generation is read by its label, as LLM-Adapters extracts answers; one naming none is unmatched
+    assert first_choice_match(" the correct answer is solution2.", example.generation_targets) == 1
+    assert first_choice_match("Twist the lid.", example.generation_targets) is None
+    plain = parse_record(record, "piqa", "piqa/test.json, record 0")
+    assert plain.labels is None and plain.generation_targets == plain.choices == ("Twist the lid.", "Sing to it.")
+    boolq = parse_record(
+        {"instruction": "Is water wet?\n\nAnswer format: true/false", "answer": "false"}, "boolq", "b", "instruction"
+    )
+    assert boolq.labels == ("true", "false") and boolq.answer == 1
+    with pytest.raises(CommonsenseDataError, match="record 3: answer 'solution3' is not one of the options"):
+        parse_record(_piqa("solution3"), "piqa", "piqa/test.json, record 3", "instruction")
+
+
+def test_real_test_sets_load_in_instruction_form():
+    folder = _shared()
+    for task in REAL_TASKS:
+        examples = load_task(folder, task, "test", "instruction")
+        assert len(examples) == list_tasks(folder)[task]["test"]
+        assert all(e.prompt.endswith("### Response:\n") and "Answer format:" in e.prompt for e in examples)
+        records = json.loads((folder / task / "test.json").read_text())
+        assert [e.choices[e.answer] for e in examples] == [r["output"].strip() for r in records]

@@ -532,3 +532,8 @@ def test_an_unknown_preset_is_one_line_from_the_cli(tmp_path):
     assert shown.exit_code == 0 and "movie_recommendation" in shown.output and "rounds: 2" in shown.output
     resumed = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "out"), "--preset", "benchmark"])
     assert resumed.exit_code == 2 and "drop --config/--set/--preset" in " ".join(resumed.output.split())
+
+
+def test_the_instruction_prompt_format_needs_commonsense_records():
+    with pytest.raises(ConfigError, match="data.prompt_format = 'instruction': 'instruction' needs data.source"):
+        load_config(None, ["data.prompt_format=instruction"])

@@ -334,10 +334,11 @@ def test_dmr_lowers_the_utilization_cv(setup):
     assert cvs["ubsmoe"][-1] < 0.8 * cvs["ubsmoe-no-dmr"][-1]
 
 
-def test_the_generate_protocol_is_named_and_scored(setup):
+@pytest.mark.parametrize("prompt_format", ["options", "instruction"])
+def test_the_generate_protocol_is_named_and_scored(setup, prompt_format):
     quick = ["federation.rounds=1", "evaluation.protocol=generate", "evaluation.max_new_tokens=4", "output.plots=false"]
-    out = setup["root"] / "generate"
-    summary = run_experiment(_config(setup, *quick), out)
+    out = setup["root"] / f"generate-{prompt_format}"
+    summary = run_experiment(_config(setup, *quick, f"data.prompt_format={prompt_format}"), out)
     assert summary["evaluation"]["protocol"] == "generate"
     for tier in summary["tiers"]:
         assert 0.0 <= tier["accuracy"]["mean"] <= 1.0
@@ -350,3 +351,5 @@ def test_the_generate_protocol_is_named_and_scored(setup):
         mine = [r for r in records if r["tier"] == tier["tier"]]
         for task, result in tier["accuracy"]["per_task"].items():
             assert sum(r["correct"] for r in mine if r["task"] == task) == round(result["accuracy"] * result["n"])
+        # the share of generations that named no option, per tier, as the records show it
+        assert tier["accuracy"]["unmatched"] == pytest.approx(sum(r["prediction"] is None for r in mine) / len(mine))

@@ -230,6 +230,11 @@ class LoRASection(_Section):
 class DataSection(_Section):
     source: Literal["bigbench", "commonsense"] = "bigbench"
     path: str | None = Field(None, description="folder of the LLM-Adapters files (source 'commonsense')")
+    prompt_format: Literal["options", "instruction"] = Field(
+        "options",
+        description="source 'commonsense': options = the question with each option's text as the answer; "
+        "instruction = LLM-Adapters' template and 'the correct answer is answerN' targets (the paper's protocol)",
+    )
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS))
     partition: Literal["iid", "dirichlet"] = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0.0)
@@ -254,6 +259,16 @@ class DataSection(_Section):
     def _path(self) -> DataSection:
         if self.source == "commonsense" and not self.path:
             raise _Problems([("path", self.path, "is required when data.source is 'commonsense'")])
+        if self.source != "commonsense" and self.prompt_format != "options":
+            raise _Problems(
+                [
+                    (
+                        "prompt_format",
+                        self.prompt_format,
+                        "'instruction' needs data.source 'commonsense' (LLM-Adapters records)",
+                    )
+                ]
+            )
         return self
 
 

@@ -28,12 +28,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ubsmoe.data.multiple_choice import MultipleChoice, from_llm_adapters
+from ubsmoe.data.multiple_choice import MultipleChoice, from_llm_adapters, instruction_form
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 MIXES = ("commonsense_15k", "commonsense_170k")
 SPLITS = ("train", "test")
 SUFFIXES = (".json", ".jsonl")
+PROMPT_FORMATS = ("options", "instruction")
+"""options: the question and each option's text scored (`from_llm_adapters`); instruction: LLM-Adapters'
+own template and "the correct answer is answerN" targets (`instruction_form`)."""
 
 T = TypeVar("T")
 
@@ -117,8 +120,9 @@ def infer_task(record: Any) -> str:
     return "qa"
 
 
-def parse_record(record: Any, task: str, where: str) -> MultipleChoice:
-    """One record as a `MultipleChoice`; `where` ("piqa/test.json, record 17") prefixes any error."""
+def parse_record(record: Any, task: str, where: str, prompt_format: str = "options") -> MultipleChoice:
+    """One record as a `MultipleChoice` in `prompt_format` (`PROMPT_FORMATS`); `where` ("piqa/test.json,
+    record 17") prefixes any error."""
     if not isinstance(record, dict):
         raise CommonsenseDataError(
             f"{where}: expected a JSON object with 'instruction' and 'answer', got a JSON {type(record).__name__}"
@@ -135,14 +139,18 @@ def parse_record(record: Any, task: str, where: str) -> MultipleChoice:
         raise CommonsenseDataError(
             f"{where}: field 'answer' must be a non-empty string, got {answer!r} (expected {_expected_labels(instruction)})"
         )
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
     try:
-        return from_llm_adapters(record, task)
+        return (instruction_form if prompt_format == "instruction" else from_llm_adapters)(record, task)
     except ValueError as error:
         raise CommonsenseDataError(f"{where}: {error}") from None
 
 
-def load_file(path: str | Path, task: str | None = None, infer: bool = False) -> list[MultipleChoice]:
-    """All records of one file as examples.
+def load_file(
+    path: str | Path, task: str | None = None, infer: bool = False, prompt_format: str = "options"
+) -> list[MultipleChoice]:
+    """All records of one file as examples (in `prompt_format`).
 
     `task` names them (default: the file's folder name for `<task>/<split>.json`, else its stem);
     `infer=True` names each by `infer_task` instead (for the training mixes).
@@ -151,7 +159,7 @@ def load_file(path: str | Path, task: str | None = None, infer: bool = False) ->
     name = task or (path.parent.name if path.stem in SPLITS else path.stem)
     shown = _show(path)
     return [
-        parse_record(record, infer_task(record) if infer else name, f"{shown}, {where}")
+        parse_record(record, infer_task(record) if infer else name, f"{shown}, {where}", prompt_format)
         for where, record in read_records(path)
     ]
 
@@ -196,13 +204,15 @@ def task_file(folder: str | Path, task: str, split: str = "test") -> Path | None
     return _find(directory, split) if directory else None
 
 
-def load_task(folder: str | Path, task: str, split: str = "test") -> list[MultipleChoice]:
-    """A task's split as examples named by the task (e.g. `load_task(folder, "piqa")`)."""
+def load_task(
+    folder: str | Path, task: str, split: str = "test", prompt_format: str = "options"
+) -> list[MultipleChoice]:
+    """A task's split as examples named by the task (e.g. `load_task(folder, "piqa")`), in `prompt_format`."""
     task = _canonical(task)
     path = task_file(folder, task, split)
     if path is None:
         raise CommonsenseDataError(f"{task}/{split}.json (or .jsonl) not found in {folder}")
-    return load_file(path, task)
+    return load_file(path, task, prompt_format=prompt_format)
 
 
 def load_mix(folder: str | Path, name: str = "commonsense_15k", infer: bool = True) -> list[MultipleChoice]:

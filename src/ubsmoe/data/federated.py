@@ -75,8 +75,9 @@ def _task_examples(
         return split_train_test(examples, section.test_fraction, section.seed)
     folder = section.path
     if task_file(folder, task, "train") is not None:
-        return load_task(folder, task, "train"), load_task(folder, task, "test")
-    examples = load_task(folder, task, "test")
+        form = section.prompt_format
+        return load_task(folder, task, "train", form), load_task(folder, task, "test", form)
+    examples = load_task(folder, task, "test", section.prompt_format)
     if len(examples) < 2:  # one record cannot be both trained on and held out
         raise DataError(
             f"data.tasks: {task_file(folder, task, 'test')} holds {len(examples)} record and there is no "

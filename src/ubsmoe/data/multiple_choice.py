@@ -1,7 +1,10 @@
 """Multiple-choice examples from BIG-bench task files and LLM-Adapters commonsense records.
 
 Both become `MultipleChoice(prompt, choices, answer)`: the option *texts* are scored where they are
-known (more signal for a small model than the labels "answer1".."answer5").
+known (more signal for a small model than the labels "answer1".."answer5"). `instruction_form` keeps
+an LLM-Adapters record as that project trains and tests it instead: its instruction (question, options
+and "Answer format: ...") in the instruction template, the target "the correct answer is answerN", and
+the labels a generation names (LLM-Adapters' answer extraction).
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ class MultipleChoice:
     choices: tuple[str, ...]
     answer: int  # index into choices
     task: str = ""
+    labels: tuple[str, ...] | None = None
+    """What a generation names to choose each option (e.g. answer1..answerN); None: the option texts."""
 
     def __post_init__(self) -> None:
         if len(self.choices) < 2:
             raise ValueError(f"a multiple-choice example needs at least two choices, got {list(self.choices)}")
         if not 0 <= self.answer < len(self.choices):
             raise ValueError(f"answer index {self.answer} is outside the {len(self.choices)} choices")
+        if self.labels is not None and len(self.labels) != len(self.choices):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.choices)} choices")
+
+    @property
+    def generation_targets(self) -> tuple[str, ...]:
+        """The strings the `generate` protocol looks for in a generation, one per choice."""
+        return self.labels if self.labels is not None else self.choices
 
 
 def from_bigbench(task: Mapping[str, Any], name: str = "") -> list[MultipleChoice]:
@@ -84,6 +96,31 @@ def from_llm_adapters(record: Mapping[str, Any], task: str = "") -> MultipleChoi
     an empty option, markers that disagree with the answer format) or the answer is not one of them:
     a record is refused rather than scored with a wrong option text.
     """
+    return _parse_llm_adapters(record, task)[0]
+
+
+INSTRUCTION_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+"""LLM-Adapters' prompt (the Alpaca template without input), which its commonsense training and evaluation use."""
+
+ANSWER_SENTENCE = "the correct answer is {label}"
+"""LLM-Adapters' target for every commonsense record (its `output` field)."""
+
+
+def instruction_form(record: Mapping[str, Any], task: str = "") -> MultipleChoice:
+    """An LLM-Adapters record as that project uses it: the whole instruction (question, options, answer
+    format) in `INSTRUCTION_TEMPLATE`, one choice "the correct answer is <label>" per label, and the labels
+    as what a generation names (`MultipleChoice.labels`). Validated like `from_llm_adapters` (same errors)."""
+    example, labels = _parse_llm_adapters(record, task)
+    instruction = str(record["instruction"]).replace("\r\n", "\n").replace("\r", "\n").strip()
+    choices = tuple(ANSWER_SENTENCE.format(label=label) for label in labels)
+    return MultipleChoice(INSTRUCTION_TEMPLATE.format(instruction=instruction), choices, example.answer, task, labels)
+
+
+def _parse_llm_adapters(record: Mapping[str, Any], task: str) -> tuple[MultipleChoice, tuple[str, ...]]:
+    """`from_llm_adapters`'s example and the record's labels (answer1.., solution1.., true/false) in order."""
     instruction, answer = record.get("instruction"), record.get("answer")
     if not isinstance(instruction, str) or not isinstance(answer, str):
         raise ValueError("expected string fields 'instruction' and 'answer'")
@@ -99,7 +136,7 @@ def from_llm_adapters(record: Mapping[str, Any], task: str = "") -> MultipleChoi
             )
         if answer not in _BOOLEAN:
             raise ValueError(f"answer {answer!r} is not one of the options 'true' or 'false'")
-        return MultipleChoice(body.strip() + "\nAnswer:", _BOOLEAN, _BOOLEAN.index(answer), task)
+        return MultipleChoice(body.strip() + "\nAnswer:", _BOOLEAN, _BOOLEAN.index(answer), task), _BOOLEAN
     if labels is not None:
         parsed = [_LABEL.fullmatch(label) for label in labels]
         expected = [f"{parsed[0].group(1)}{i}" for i in range(1, len(labels) + 1)] if parsed[0] else []
@@ -131,7 +168,7 @@ def from_llm_adapters(record: Mapping[str, Any], task: str = "") -> MultipleChoi
     if answer not in wanted:
         raise ValueError(f"answer {answer!r} is not one of the options {_quoted(wanted)}")
     question = body[: marks[0].start()].strip()
-    return MultipleChoice(question + "\nAnswer:", tuple(texts), wanted.index(answer), task)
+    return MultipleChoice(question + "\nAnswer:", tuple(texts), wanted.index(answer), task), tuple(wanted)
 
 
 def parse_all(records: Iterable[Mapping[str, Any]], task: str) -> list[MultipleChoice]:

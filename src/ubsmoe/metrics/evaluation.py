@@ -146,7 +146,8 @@ def evaluate_tasks(
     `answer_perplexity` is exp(mean NLL per gold-answer token) over all tasks' examples (under
     `generate` it costs one extra scoring pass of the gold answers). `examples` holds one record per
     example (task, index, prediction or None, correct, gold_nll, gold_tokens; under `generate` also the
-    generated text), in task order: what paired comparisons and audits need.
+    generated text), in task order: what paired comparisons and audits need. Under `generate`, `unmatched`
+    is the share of all generations that named no option (counted wrong; also per task).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
@@ -172,6 +173,9 @@ def evaluate_tasks(
     accuracies = [r["accuracy"] for r in per_task.values()]
     count = len(accuracies)
     variance = sum(r["accuracy"] * (1 - r["accuracy"]) / r["n"] for r in per_task.values() if r["n"])
+    unmatched = {}
+    if protocol == "generate" and records:  # the share of all generations that named no option
+        unmatched = {"unmatched": sum(r["prediction"] is None for r in records) / len(records)}
     return {
         "protocol": protocol,
         "accuracy": sum(accuracies) / count if count else float("nan"),
@@ -179,6 +183,7 @@ def evaluate_tasks(
         "chance": sum(r["chance"] for r in per_task.values()) / count if count else float("nan"),
         "answer_perplexity": math.exp(nll / tokens) if tokens else float("nan"),
         "per_task": per_task,
+        **unmatched,
         "examples": records,
     }
 

@@ -6,7 +6,9 @@ forward loop (`model(input_ids, attention_mask, position_ids, cache, use_cache=T
 not `model.generate`, so models whose MoE layers are custom blocks work unchanged. Positions come
 from the attention mask, so left padding does not shift them. A row stops at the tokenizer's EOS or
 after `max_new_tokens`. The generated tokens alone are decoded, and the prediction is the choice
-whose text occurs first in them (`first_choice_match`); a generation that names no choice is wrong.
+whose text occurs first in them (`first_choice_match`), or, for examples in LLM-Adapters' instruction form,
+the choice whose label (answer1, solution2, true ...) occurs first, which is that project's answer extraction;
+a generation that names no choice is wrong and counted as unmatched.
 """
 
 from __future__ import annotations
@@ -171,7 +173,9 @@ def generate_accuracy(
         max_prompt_tokens=max_prompt_tokens,
         on_batch=on_batch,
     )
-    predictions = [first_choice_match(text, example.choices) for text, example in zip(texts, examples, strict=True)]
+    predictions = [
+        first_choice_match(text, example.generation_targets) for text, example in zip(texts, examples, strict=True)
+    ]
     n = len(examples)
     correct = [p == e.answer for p, e in zip(predictions, examples, strict=True)]
     unmatched = sum(p is None for p in predictions) / n if n else float("nan")

@@ -62,7 +62,10 @@ def _last_eval(records: Sequence[Mapping[str, Any]]) -> tuple[int | None, Mappin
 def _tier_accuracy(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not entry:
         return None
-    return {"mean": entry["accuracy"], "ci95": entry["ci95"], "per_task": entry.get("per_task", {})}
+    result = {"mean": entry["accuracy"], "ci95": entry["ci95"], "per_task": entry.get("per_task", {})}
+    if "unmatched" in entry:  # generate protocol: the share of generations that named no option
+        result["unmatched"] = entry["unmatched"]
+    return result
 
 
 def _tier_lines(records: Sequence[Mapping[str, Any]], clients: set[int]) -> list[Mapping[str, Any]]:
