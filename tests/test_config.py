@@ -537,3 +537,13 @@ def test_an_unknown_preset_is_one_line_from_the_cli(tmp_path):
 def test_the_instruction_prompt_format_needs_commonsense_records():
     with pytest.raises(ConfigError, match="data.prompt_format = 'instruction': 'instruction' needs data.source"):
         load_config(None, ["data.prompt_format=instruction"])
+
+
+def test_the_benchmark_configs_stay_valid():
+    """The study configs under benchmarks/configs/ are checked like user files, so a renamed key cannot rot them."""
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_config(path).data.source in ("bigbench", "commonsense")
