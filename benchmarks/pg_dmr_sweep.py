@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS: dict[str, list[str]] = {
-    "default": [],
+    "default": ["evaluation.initial=true"],  # also scores the untrained model: the preset's lift over it
     "pg-off": ["pseudo_gradient.enabled=false"],
-    "pg-kappa-0.25": ["pseudo_gradient.kappa=0.25"],
-    "pg-kappa-4": ["pseudo_gradient.kappa=4.0"],
     "pg-update": ["pseudo_gradient.space=update"],
-    "pg-update-kappa-0.25": ["pseudo_gradient.space=update", "pseudo_gradient.kappa=0.25"],
     "dmr-off": ["dmr.enabled=false"],
+    "pg-kappa-0.25": ["pseudo_gradient.kappa=0.25"],
     "dmr-zeta-0.5": ["dmr.zeta=0.5"],
-    "dmr-zeta-0.99": ["dmr.zeta=0.99"],
     "dmr-range-0.5": ["dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
+    "pg-kappa-4": ["pseudo_gradient.kappa=4.0"],
+    "pg-update-kappa-0.25": ["pseudo_gradient.space=update", "pseudo_gradient.kappa=0.25"],
+    "dmr-zeta-0.99": ["dmr.zeta=0.99"],
     "dmr-range-2": ["dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
 }
-"""Today's defaults first (kappa = 1 in gradient space, zeta = 0.9, phi in [-1, 1]); then one change each.
+"""Today's defaults first (kappa = 1 in gradient space, zeta = 0.9, phi in [-1, 1]; its extra evaluation before
+training changes nothing in its training); then one change each.
 pg-off is kappa = 0; pg-update applies PG to AdamW's actual updates (pseudo_gradient.space = update)."""
 
 
