@@ -55,5 +55,16 @@ def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main([*args, "--finished-only"]) == 0  # reads the finished runs, runs nothing
     assert json.loads(capsys.readouterr().out)["variants"].keys() == result["variants"].keys()
+    # the committable copy (summaries and records only) rebuilds the same table, paired differences included
+    spec = importlib.util.spec_from_file_location("collect_runs", SCRIPT.parent / "collect_runs.py")
+    collect_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect_runs)
+    assert collect_runs.main([str(tmp_path / "sweep"), str(tmp_path / "copy")]) == 0
+    assert not list((tmp_path / "copy").rglob("checkpoint")) and not list((tmp_path / "copy").rglob("adapters"))
+    capsys.readouterr()
+    assert sweep.main([*args[:1], str(tmp_path / "copy"), *args[2:], "--finished-only"]) == 0
+    rebuilt = json.loads(capsys.readouterr().out)["variants"]
+    assert rebuilt["pg-update"]["tiers"] == update["tiers"]
+    assert collect_runs.main([str(tmp_path / "nothing"), str(tmp_path / "copy2")]) == 2
     assert sweep.main(["--out", str(tmp_path / "bad"), "--only", "pg-offf"]) == 2
     assert "unknown pg-offf" in capsys.readouterr().err and not (tmp_path / "bad").exists()
