@@ -96,3 +96,7 @@ def test_the_table_reads_seed_spread():
     comparison = build_comparison({"x": runs})
     assert comparison["methods"][0]["tiers"][0]["accuracy"]["mean"] == pytest.approx(0.5)
     assert "50.0 ± 14.1" in comparison_markdown(comparison)
+    assert "answer ppl" not in comparison_markdown(comparison)  # no run recorded it: no empty table
+    for run, ppl in zip(runs, (3.0, 5.0), strict=True):
+        run["tiers"][0]["answer_perplexity"] = ppl
+    assert "| x | 4.00 ± 1.41 |" in comparison_markdown(build_comparison({"x": runs}))

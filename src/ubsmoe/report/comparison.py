@@ -93,7 +93,8 @@ def _pct(stat: Mapping[str, Any]) -> str:
 
 def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     """The Markdown table: per-tier accuracy (mean ± std over seeds), mean over tiers, GFLOPs per sample
-    per tier, MB per round (all clients, up + down) and the utilization CV."""
+    per tier, MB per round (all clients, up + down) and the utilization CV; then the gold-answer
+    perplexity per tier and the paired differences to the first method, where the runs have them."""
     budgets = comparison["budgets"]
     header = (
         ["method", "seeds"]
@@ -125,7 +126,35 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         )
     chance = comparison.get("chance")
     note = f"\n{comparison.get('protocol')} accuracy; chance {100 * chance:.1f}%." if chance is not None else ""
-    return "\n".join(lines) + "\n" + note + "\n" + _paired_markdown(comparison.get("paired"), budgets)
+    return (
+        "\n".join(lines)
+        + "\n"
+        + note
+        + "\n"
+        + _perplexity_markdown(comparison["methods"], budgets)
+        + _paired_markdown(comparison.get("paired"), budgets)
+    )
+
+
+def _perplexity_markdown(rows: Sequence[Mapping[str, Any]], budgets: Sequence[float]) -> str:
+    """Per tier, the gold-answer perplexity (mean ± std over seeds): the accuracy's companion, which moves
+    long before the ranking of the options does; empty when no run recorded it."""
+    if not any(t["answer_perplexity"]["mean"] is not None for row in rows for t in row["tiers"]):
+        return ""
+
+    def cell(stat: Mapping[str, Any]) -> str:
+        if stat.get("mean") is None:
+            return "-"
+        return f"{stat['mean']:.2f} ± {stat['std']:.2f}" if stat.get("n", 0) > 1 else f"{stat['mean']:.2f}"
+
+    header = ["method"] + [f"β={b:g} answer ppl" for b in budgets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["label"]] + [cell(t["answer_perplexity"]) for t in row["tiers"]]) + " |")
+    return (
+        "\nGold-answer perplexity per tier (exp of the mean NLL per answer token, mean ± std over seeds; lower "
+        "is better):\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _paired_markdown(paired: Mapping[str, Any] | None, budgets: Sequence[float]) -> str:
