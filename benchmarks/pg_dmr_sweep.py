@@ -40,6 +40,21 @@ VARIANTS: dict[str, list[str]] = {
 training changes nothing in its training); then one change each.
 pg-off is kappa = 0; pg-update applies PG to AdamW's actual updates (pseudo_gradient.space = update)."""
 
+REFERENCE = [
+    "method=ubsmoe",
+    "pseudo_gradient.enabled=true",
+    "pseudo_gradient.kappa=1.0",
+    "pseudo_gradient.space=gradient",
+    "pseudo_gradient.rho_form=complement",
+    "dmr.enabled=true",
+    "dmr.zeta=0.9",
+    "dmr.phi_min=-1.0",
+    "dmr.phi_max=1.0",
+    "dmr.range_lambda=0.01",
+]
+"""The settings the variants change, pinned to the values the sweep started from, so that a later change of the
+package's defaults (the sweep's purpose) leaves a half-finished sweep resumable and its reference the same."""
+
 
 def sweep_table(comparison: dict[str, Any]) -> dict[str, Any]:
     """Per variant and tier: accuracy, answer NLL and the paired difference to the reference variant."""
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--only: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
         if labels[0] != "default":
             labels = ["default", *[label for label in labels if label != "default"]]  # the reference comes first
-        base = load_config(args.config, ["method=ubsmoe", *args.overrides], args.preset)
+        base = load_config(args.config, [*REFERENCE, *args.overrides], args.preset)
         for label in labels:  # every variant is a valid configuration before anything runs
             variant_config(base, label, base.seed, VARIANTS)
         comparison = run_comparison(
