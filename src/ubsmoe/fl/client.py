@@ -54,6 +54,7 @@ from ubsmoe.moe import (
     range_loss,
     reset_utilization,
     set_top_k,
+    uses_pseudo_updates,
 )
 
 if TYPE_CHECKING:
@@ -222,6 +223,7 @@ def client_update(
         optimizer = torch.optim.SGD(parameters, lr=lr, weight_decay=settings.weight_decay)
     optimizer.zero_grad(set_to_none=True)
     clear_pseudo_gradient_masses(model)  # stale masses of forwards outside this round
+    pseudo_updates = uses_pseudo_updates(model)  # decided once: the default step takes no adapter snapshot
 
     cycle = _Cycle(batches)
     losses: list[float] = []
@@ -248,9 +250,10 @@ def client_update(
             apply_pseudo_gradients(model)  # PG in gradient space (the paper's form)
             if settings.grad_clip is not None and parameters:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-            before = adapters_before_step(model)
+            before = adapters_before_step(model) if pseudo_updates else None
             optimizer.step()
-            apply_pseudo_updates(model, before)  # PG in update space (pseudo_gradient.space = update)
+            if before is not None:  # PG in update space (pseudo_gradient.space = update)
+                apply_pseudo_updates(model, before)
             method.after_step(adapters, rank)
             losses.append(float(loss.detach()))
             lm_losses.append(float(lm_loss.detach()))

@@ -24,6 +24,7 @@ from ubsmoe.moe.model import (
     set_phi,
     set_top_k,
     skip_padding,
+    uses_pseudo_updates,
 )
 from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
 from ubsmoe.moe.routing import Routing, modulated_logits, range_regularizer, route
@@ -62,6 +63,7 @@ __all__ = [
     "model_device",
     "set_top_k",
     "skip_padding",
+    "uses_pseudo_updates",
     "sparsity_factor",
     "swiglu_experts",
     "utilization_cv",

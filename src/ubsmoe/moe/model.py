@@ -59,6 +59,11 @@ def apply_pseudo_gradients(model: nn.Module) -> None:
         block.apply_pseudo_gradient()
 
 
+def uses_pseudo_updates(model: nn.Module) -> bool:
+    """Whether any block applies PG in update space (so the client step must snapshot the adapters)."""
+    return any(block.config.pseudo_gradient and block.config.pg_space == "update" for block in moe_blocks(model))
+
+
 def adapters_before_step(model: nn.Module) -> list[list[torch.Tensor] | None]:
     """Before the optimizer step: every block's expert adapters where PG acts in update space (else None)."""
     return [block.adapters_before_step() for block in moe_blocks(model)]
