@@ -29,11 +29,24 @@ def test_pairs_are_the_same_example_of_the_same_seed():
     reference = [_records({0: [False] * 10, 1: [True] * 10}, nll=1.0)] * 2
     other = [_records({0: [True] * 10, 1: [True] * 10}, nll=0.75)] * 2
     tiers = paired_tier_differences(reference, other, [0, 1])
-    assert tiers[0]["accuracy"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 20}
-    assert tiers[1]["accuracy"]["mean"] == 0.0 and tiers[1]["accuracy"]["n"] == 20
+    assert tiers[0]["accuracy"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 10, "per_seed": [1.0, 1.0]}
+    assert tiers[1]["accuracy"]["mean"] == 0.0 and tiers[1]["accuracy"]["n"] == 10  # n counts examples
     assert tiers[0]["answer_nll"]["mean"] == pytest.approx(-0.25)  # per token: 0.75 - 1.0
     shifted = [[{**r, "index": r["index"] + 5} for r in run] for run in other]  # only 5 examples in common
-    assert paired_tier_differences(reference, shifted, [0])[0]["accuracy"]["n"] == 10
+    assert paired_tier_differences(reference, shifted, [0])[0]["accuracy"]["n"] == 5
+
+
+def test_the_seeds_are_resampled_too_so_disagreeing_seeds_widen_the_interval():
+    # two seeds that disagree on every example (+1 and -1): an example-only bootstrap of the per-example
+    # means would give exactly [0, 0]; drawing the seeds as well gives the interval [-1, +1]
+    opposite = [_records({0: [True] * 10}, nll=1.0), _records({0: [False] * 10}, nll=1.0)]
+    flipped = [_records({0: [False] * 10}, nll=1.0), _records({0: [True] * 10}, nll=1.0)]
+    (tier,) = paired_tier_differences(opposite, flipped, [0])
+    assert tier["accuracy"]["per_seed"] == [-1.0, 1.0] and tier["accuracy"]["mean"] == 0.0
+    assert (tier["accuracy"]["low"], tier["accuracy"]["high"]) == (-1.0, 1.0)
+    # seeds that agree leave only the examples' sampling
+    agreeing = paired_bootstrap([[1.0, -1.0] * 25, [1.0, -1.0] * 25])
+    assert agreeing["n"] == 50 and -0.4 < agreeing["low"] < 0 < agreeing["high"] < 0.4
 
 
 def test_the_table_marks_intervals_that_exclude_zero():

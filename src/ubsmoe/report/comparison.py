@@ -181,7 +181,8 @@ def _paired_markdown(paired: Mapping[str, Any] | None, budgets: Sequence[float])
         )
     return (
         f"\nPaired differences to {paired['reference']} on the same examples and seeds (mean [95% bootstrap "
-        "interval]; * where the interval excludes zero; a lower answer NLL is better):\n\n" + "\n".join(lines) + "\n"
+        "interval, resampling the seeds and the examples]; * where the interval excludes zero; a lower answer NLL "
+        "is better):\n\n" + "\n".join(lines) + "\n"
     )
 
 
