@@ -19,20 +19,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.report.paired import paired_tier_differences, read_records
+from ubsmoe.report.paired import finished_records, paired_runs
 
 RANK_BASELINES = ("hetlora", "flexlora", "flora", "florist", "fedit")
 
 
 def _finished_seeds(folder: Path, label: str) -> dict[str, dict[str, Any]]:
     """seed folder name -> {summary, records} for each finished run that wrote per-example records."""
-    found = {}
-    for run in sorted((folder / label).glob("seed*"), key=lambda p: (len(p.name), p.name)):
-        rounds = sorted((run / "evaluations").glob("round_*.jsonl"))
-        if rounds and (run / "summary.json").is_file():
-            summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-            found[run.name] = {"summary": summary, "records": read_records(rounds[-1])}
-    return found
+    return {
+        name: {
+            "summary": json.loads((folder / label / name / "summary.json").read_text(encoding="utf-8")),
+            "records": records,
+        }
+        for name, records in finished_records(folder / label).items()
+    }
 
 
 def _accuracy(runs: dict[str, dict[str, Any]], tier: int) -> dict[str, Any]:
@@ -47,11 +47,16 @@ def _accuracy(runs: dict[str, dict[str, Any]], tier: int) -> dict[str, Any]:
 
 def _difference(reference, other, tier: int) -> dict[str, Any]:
     """`reference - other` on the seeds both have, for one tier."""
-    seeds = [name for name in reference if name in other]
-    (entry,) = paired_tier_differences(
-        [other[s]["records"] for s in seeds], [reference[s]["records"] for s in seeds], [tier]
+    (entry,) = paired_runs(
+        {name: run["records"] for name, run in other.items()},
+        {name: run["records"] for name, run in reference.items()},
+        [tier],
     )
-    return {"seeds": len(seeds), "accuracy": entry["accuracy"], "answer_nll": entry["answer_nll"]}
+    return {
+        "seeds": len(entry["accuracy"]["per_seed"]),
+        "accuracy": entry["accuracy"],
+        "answer_nll": entry["answer_nll"],
+    }
 
 
 def headline(folder: Path, reference: str, against: str, baselines: tuple[str, ...]) -> dict[str, Any]:

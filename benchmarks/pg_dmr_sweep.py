@@ -3,15 +3,17 @@
 Every variant is the benchmark preset (`ubsmoe.config.presets`, evaluation on the dev half) run by
 UB-SMoE with a few `--set` overrides; all run through `ubsmoe.compare.run_comparison`, so a sweep
 interrupted at any point continues where it stopped when the same command runs again, and each
-variant is paired, example by example, against the first (`default`, today's defaults).
+variant is paired, example by example, against the first (`default`, the paper's settings, pinned by
+REFERENCE below whatever the package's defaults become), and each `update-*` variant also against
+`pg-update` (the settings it changes one thing of).
 
     python benchmarks/pg_dmr_sweep.py --out runs/sweep              # every variant, resumable
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --only default,pg-off
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --finished-only   # the table so far, runs nothing
 
 Prints JSON (and writes OUT/sweep.json): per variant and tier, the accuracy and answer perplexity of its
-last evaluation and the paired difference to `default` (accuracy and per-token answer NLL) with its 95%
-bootstrap interval; the utilization CV and dead experts after the last round. N_p is not swept:
+last evaluation and the paired differences to `default` and, for `update-*`, to `pg-update` (accuracy
+and per-token answer NLL) with their 95% bootstrap intervals; the utilization CV and dead experts after the last round. N_p is not swept:
 on the embedded default K_max = M = 8, so every N_p in [K_max, M] is the same model (docs/decisions.md).
 """
 
@@ -23,22 +25,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
+UPDATE = "pseudo_gradient.space=update"
+
 VARIANTS: dict[str, list[str]] = {
     "default": ["evaluation.initial=true"],  # also scores the untrained model: the preset's lift over it
     "pg-off": ["pseudo_gradient.enabled=false"],
-    "pg-update": ["pseudo_gradient.space=update"],
-    "dmr-off": ["dmr.enabled=false"],
+    "pg-update": [UPDATE],
+    "update-kappa-0.25": [UPDATE, "pseudo_gradient.kappa=0.25"],
+    "update-kappa-4": [UPDATE, "pseudo_gradient.kappa=4.0"],
+    "update-dmr-off": [UPDATE, "dmr.enabled=false"],
+    "update-dmr-zeta-0.5": [UPDATE, "dmr.zeta=0.5"],
+    "update-dmr-range-0.5": [UPDATE, "dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
+    "update-dmr-zeta-0.99": [UPDATE, "dmr.zeta=0.99"],
+    "update-dmr-range-2": [UPDATE, "dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
     "pg-kappa-0.25": ["pseudo_gradient.kappa=0.25"],
-    "dmr-zeta-0.5": ["dmr.zeta=0.5"],
-    "dmr-range-0.5": ["dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
     "pg-kappa-4": ["pseudo_gradient.kappa=4.0"],
-    "pg-update-kappa-0.25": ["pseudo_gradient.space=update", "pseudo_gradient.kappa=0.25"],
-    "dmr-zeta-0.99": ["dmr.zeta=0.99"],
-    "dmr-range-2": ["dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
 }
-"""Today's defaults first (kappa = 1 in gradient space, zeta = 0.9, phi in [-1, 1]; its extra evaluation before
-training changes nothing in its training); then one change each.
-pg-off is kappa = 0; pg-update applies PG to AdamW's actual updates (pseudo_gradient.space = update)."""
+"""The sweep started from the paper's settings (`default`: kappa = 1 in gradient space, zeta = 0.9, phi in
+[-1, 1]; its extra evaluation before training changes nothing in its training) and first measured PG's
+space: pg-off is kappa = 0, pg-update applies PG to AdamW's actual updates. Two seeds put PG in update
+space ahead at every tier (docs/decisions.md), so the remaining choices are measured on top of it: each
+`update-*` variant is pg-update with one change, and is also paired against pg-update (`vs_pg_update`).
+The gradient-space kappa variants come last: with update space the default they are no longer a
+choice to make, only a record of how kappa acts under the paper's form."""
+
+PARENT = {label: "pg-update" for label in VARIANTS if label.startswith("update-")}
+"""The variant each `update-*` change is measured against, besides the pinned reference."""
 
 REFERENCE = [
     "method=ubsmoe",
@@ -56,18 +68,28 @@ REFERENCE = [
 package's defaults (the sweep's purpose) leaves a half-finished sweep resumable and its reference the same."""
 
 
-def sweep_table(comparison: dict[str, Any]) -> dict[str, Any]:
-    """Per variant and tier: accuracy, answer NLL and the paired difference to the reference variant."""
+def sweep_table(comparison: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Per variant and tier: accuracy, answer NLL, the paired difference to the reference variant and,
+    for an `update-*` variant, to pg-update (on the seeds both finished)."""
+    from ubsmoe.report.paired import finished_records, paired_runs
+
     paired = (comparison.get("paired") or {}).get("methods", {})
     table: dict[str, Any] = {}
     for row in comparison["methods"]:
         label = row["label"]
+        parent = PARENT.get(label)
+        tier_ids = [tier["tier"] for tier in row["tiers"]]
+        versus_parent = None
+        if parent is not None:
+            versus_parent = paired_runs(finished_records(out / parent), finished_records(out / label), tier_ids)
         tiers = []
         for index, tier in enumerate(row["tiers"]):
             keys = ("tier", "budget", "top_k", "accuracy", "initial_accuracy", "answer_perplexity")
             entry = {key: tier.get(key) for key in keys}
             if label in paired:
                 entry["vs_default"] = paired[label][index]
+            if versus_parent is not None:
+                entry["vs_pg_update"] = versus_parent[index]
             tiers.append(entry)
         table[label] = {
             "overrides": VARIANTS.get(label, []),
@@ -100,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--only: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
         if labels[0] != "default":
             labels = ["default", *[label for label in labels if label != "default"]]  # the reference comes first
+        if any(label in PARENT for label in labels) and "pg-update" not in labels:
+            labels.insert(1, "pg-update")  # what the update-* variants are measured against
         base = load_config(args.config, [*REFERENCE, *args.overrides], args.preset)
         for label in labels:  # every variant is a valid configuration before anything runs
             variant_config(base, label, base.seed, VARIANTS)
@@ -113,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "UB-SMoE settings on the dev split (paired against 'default')",
         "base_config": comparison["base_config"],
         "missing": comparison["missing"],
-        "variants": sweep_table(comparison),
+        "variants": sweep_table(comparison, args.out),
     }
     (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))

@@ -33,7 +33,8 @@ def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):
     assert configs["default"].model_copy(update={"evaluation": base.evaluation}) == base  # only the extra scoring
     assert configs["pg-off"].ubsmoe_config().pseudo_gradient is False
     assert configs["pg-update"].ubsmoe_config().pg_space == "update"
-    assert configs["dmr-range-0.5"].ubsmoe_config().phi_max == 0.5
+    assert configs["update-dmr-range-0.5"].ubsmoe_config().phi_max == 0.5
+    assert all(configs[label].ubsmoe_config().pg_space == "update" for label in sweep.PARENT)
     assert all(c.method == "ubsmoe" and c.evaluation.split == "dev" for c in configs.values())
     assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs.values()}) == len(configs)
 
@@ -41,15 +42,20 @@ def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):
 def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
     setup = write_experiment(tmp_path / "setup")
     sets = [x for item in [*QUICK, "federation.rounds=1"] for x in ("--set", item)]
-    args = ["--out", str(tmp_path / "sweep"), "--only", "pg-update", "--config", str(setup["config"]), *sets]
+    only = ["--only", "update-dmr-off"]
+    args = ["--out", str(tmp_path / "sweep"), *only, "--config", str(setup["config"]), *sets]
     assert sweep.main(args) == 0
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert list(result["variants"]) == ["default", "pg-update"]  # the reference is always run first
+    # the reference is always run first, and what an update-* variant changes one thing of comes with it
+    assert list(result["variants"]) == ["default", "pg-update", "update-dmr-off"]
     update = result["variants"]["pg-update"]
     assert update["overrides"] == ["pseudo_gradient.space=update"]
     for tier in update["tiers"]:
         difference = tier["vs_default"]["accuracy"]
         assert difference["n"] > 0 and difference["low"] <= difference["mean"] <= difference["high"]
+        assert "vs_pg_update" not in tier
+    for tier in result["variants"]["update-dmr-off"]["tiers"]:
+        assert tier["vs_pg_update"]["accuracy"]["n"] > 0 and tier["vs_pg_update"]["accuracy"]["per_seed"]
     saved = json.loads((tmp_path / "sweep" / "pg-update" / "seed0" / "summary.json").read_text())
     assert saved["config"]["pseudo_gradient"]["space"] == "update"
     capsys.readouterr()
@@ -65,6 +71,7 @@ def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
     assert sweep.main([*args[:1], str(tmp_path / "copy"), *args[2:], "--finished-only"]) == 0
     rebuilt = json.loads(capsys.readouterr().out)["variants"]
     assert rebuilt["pg-update"]["tiers"] == update["tiers"]
+    assert rebuilt["update-dmr-off"]["tiers"] == result["variants"]["update-dmr-off"]["tiers"]
     assert collect_runs.main([str(tmp_path / "nothing"), str(tmp_path / "copy2")]) == 2
     assert sweep.main(["--out", str(tmp_path / "bad"), "--only", "pg-offf"]) == 2
     assert "unknown pg-offf" in capsys.readouterr().err and not (tmp_path / "bad").exists()

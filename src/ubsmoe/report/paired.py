@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_bootstrap", "paired_tier_differences", "read_records"]
+__all__ = ["finished_records", "paired_bootstrap", "paired_runs", "paired_tier_differences", "read_records"]
 
 
 def paired_bootstrap(
@@ -55,6 +55,27 @@ def read_records(path: Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def finished_records(method_folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """seed folder name -> the per-example records of its last evaluation, for every finished run
+    (`summary.json` written) of one method in a `ubsmoe compare` folder (`OUT/<method>/seed<k>/`)."""
+    found = {}
+    for run in sorted(method_folder.glob("seed*"), key=lambda p: (len(p.name), p.name)):
+        evaluations = sorted((run / "evaluations").glob("round_*.jsonl"))
+        if evaluations and (run / "summary.json").is_file():
+            found[run.name] = read_records(evaluations[-1])
+    return found
+
+
+def paired_runs(
+    reference: Mapping[str, Sequence[Mapping[str, Any]]],
+    other: Mapping[str, Sequence[Mapping[str, Any]]],
+    tiers: Sequence[int],
+) -> list[dict[str, Any]]:
+    """`paired_tier_differences` of `other - reference` on the seeds both have ({seed name: records})."""
+    seeds = [name for name in reference if name in other]
+    return paired_tier_differences([reference[s] for s in seeds], [other[s] for s in seeds], tiers)
 
 
 def _by_example(records: Sequence[Mapping[str, Any]], tier: int) -> dict[tuple[str, int], Mapping[str, Any]]:
