@@ -70,7 +70,10 @@ class UBSMoEConfig:
     pg_kappa: float = 1.0
     pg_rho_form: Literal["complement", "inverse"] = "complement"
     # where PG acts: on the gradients before the optimizer (the paper's form) or on the optimizer's
-    # actual updates after its step (survives Adam's per-coordinate normalisation; docs/decisions.md)
+    # actual updates after its step (survives Adam's per-coordinate normalisation; docs/decisions.md).
+    # The layer's default is the paper's form because it needs nothing from the training loop (a
+    # backward hook adds it); update space needs the loop to call `apply_pseudo_updates` after each
+    # optimizer step, which the engine does and makes its default (`pseudo_gradient.space`).
     pg_space: Literal["gradient", "update"] = "gradient"
     # compute
     implementation: Literal["auto", "grouped_mm", "eager"] = "auto"
