@@ -165,6 +165,9 @@ def test_outputs_follow_the_contract(reference):
     assert per_tier[0] == per_tier[1] and len(per_tier[0]) == sum(
         result["n"] for result in saved["tiers"][0]["accuracy"]["per_task"].values()
     )
+    # a record names its tier as summary.json does: a K tier has no LoRA rank of its own
+    assert {(r["top_k"], r["rank"]) for r in records} == {(t["top_k"], t["rank"]) for t in saved["tiers"]}
+    assert all(t["rank"] is None for t in saved["tiers"])
     for tier in saved["tiers"]:
         for task, result in tier["accuracy"]["per_task"].items():
             mine = [r for r in records if r["tier"] == tier["tier"] and r["task"] == task]

@@ -192,7 +192,8 @@ class TierEvaluator:
                 )
                 if self.heldout:
                     result["heldout_perplexity"] = perplexity(model, self.heldout)
-                where = {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": tier.rank}
+                rank = None if self.config.budgets_set_top_k else tier.rank  # as summary.json: K tiers have no rank
+                where = {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": rank}
                 examples += [{**where, **record} for record in result.pop("examples")]
                 results.append({**where, **result})
         finally:
