@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ubsmoe.report.comparison import paired_cell
 from ubsmoe.report.paired import finished_records, paired_runs
 
 RANK_BASELINES = ("hetlora", "flexlora", "flora", "florist", "fedit")
@@ -84,15 +85,6 @@ def headline(folder: Path, reference: str, against: str, baselines: tuple[str, .
     return {"folder": str(folder), "reference": reference, "against": against, "tiers": rows, "missing": missing}
 
 
-def _cell(entry: dict[str, Any], scale: float, digits: int) -> str:
-    if entry.get("mean") is None:
-        return "-"
-    mark = " *" if entry["low"] > 0 or entry["high"] < 0 else ""
-    seeds = ", ".join(f"{scale * s:+.{digits}f}" for s in entry.get("per_seed") or [] if s is not None)
-    text = f"{scale * entry['mean']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, {scale * entry['high']:+.{digits}f}]{mark}"
-    return text + (f" (seeds {seeds})" if len(entry.get("per_seed") or []) > 1 else "")
-
-
 def markdown(result: dict[str, Any]) -> str:
     reference, against = result["reference"], result["against"]
     lines = [
@@ -114,11 +106,11 @@ def markdown(result: dict[str, Any]) -> str:
                     f"K={row['top_k']}",
                     acc(row[reference]),
                     acc(row.get(against)),
-                    _cell(versus["accuracy"], 100, 1) if versus else "-",
-                    _cell(versus["answer_nll"], 1, 3) if versus else "-",
+                    paired_cell(versus["accuracy"], 100, 1, seeds=True) if versus else "-",
+                    paired_cell(versus["answer_nll"], 1, 3, seeds=True) if versus else "-",
                     f"{baseline['method']} ({acc(baseline)})" if baseline else "-",
-                    _cell(best["accuracy"], 100, 1) if best else "-",
-                    _cell(best["answer_nll"], 1, 3) if best else "-",
+                    paired_cell(best["accuracy"], 100, 1, seeds=True) if best else "-",
+                    paired_cell(best["answer_nll"], 1, 3, seeds=True) if best else "-",
                 ]
             )
             + " |"

@@ -11,7 +11,7 @@ REFERENCE below whatever the package's defaults become), and each `update-*` var
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --only default,pg-off
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --finished-only   # the table so far, runs nothing
 
-Prints JSON (and writes OUT/sweep.json): per variant and tier, the accuracy and answer perplexity of its
+Prints JSON (and writes OUT/sweep.json, and the tables as OUT/sweep.md): per variant and tier, the accuracy and answer perplexity of its
 last evaluation and the paired differences to `default` and, for `update-*`, to `pg-update` (accuracy
 and per-token answer NLL) with their 95% bootstrap intervals; the utilization CV and dead experts after the last round. N_p is not swept:
 on the embedded default K_max = M = 8, so every N_p in [K_max, M] is the same model (docs/decisions.md).
@@ -101,6 +101,34 @@ def sweep_table(comparison: dict[str, Any], out: Path) -> dict[str, Any]:
     return table
 
 
+def sweep_markdown(table: dict[str, Any]) -> str:
+    """sweep.md: each variant's paired differences per tier, against `default` and (update-*) against pg-update."""
+    from ubsmoe.report.comparison import paired_cell
+
+    sections = []
+    for key, title in (("vs_default", "default (the paper's settings)"), ("vs_pg_update", "pg-update")):
+        rows = {label: entry["tiers"] for label, entry in table.items() if any(key in t for t in entry["tiers"])}
+        if not rows:
+            continue
+        tiers = next(iter(rows.values()))
+        header = ["variant", "seeds"]
+        header += [f"K={t['top_k']} Δacc pts" for t in tiers] + [f"K={t['top_k']} ΔNLL/token" for t in tiers]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label, entries in rows.items():
+            cells = [paired_cell(t[key]["accuracy"], 100, 1, seeds=True) for t in entries]
+            cells += [paired_cell(t[key]["answer_nll"], 1, 3, seeds=True) for t in entries]
+            seeds = table[label]["seeds"]
+            seeds = ", ".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds)
+            lines.append("| " + " | ".join([label, seeds, *cells]) + " |")
+        sections.append(f"Each variant minus {title}, on the same dev examples and seeds:\n\n" + "\n".join(lines))
+    note = (
+        "Mean [95% bootstrap interval over seeds and examples] (each seed pair's own difference after it); * where the "
+        "interval excludes zero; a lower answer NLL is better. Variants and their overrides: "
+        "`benchmarks/pg_dmr_sweep.py`."
+    )
+    return "\n\n".join([*sections, note]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
@@ -140,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": sweep_table(comparison, args.out),
     }
     (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / "sweep.md").write_text(sweep_markdown(result["variants"]), encoding="utf-8")
     print(json.dumps(result, indent=2))
     return 0
 

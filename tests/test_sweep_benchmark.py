@@ -27,7 +27,7 @@ def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):
     from ubsmoe.compare import variant_config
     from ubsmoe.config import load_config
 
-    base = load_config(None, [], "benchmark")
+    base = load_config(None, sweep.REFERENCE, "benchmark")  # as main() builds it: the paper's settings pinned
     configs = {label: variant_config(base, label, 0, sweep.VARIANTS) for label in sweep.VARIANTS}
     assert configs["default"].evaluation.initial and not base.evaluation.initial
     assert configs["default"].model_copy(update={"evaluation": base.evaluation}) == base  # only the extra scoring
@@ -56,6 +56,9 @@ def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
         assert "vs_pg_update" not in tier
     for tier in result["variants"]["update-dmr-off"]["tiers"]:
         assert tier["vs_pg_update"]["accuracy"]["n"] > 0 and tier["vs_pg_update"]["accuracy"]["per_seed"]
+    tables = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "Each variant minus default" in tables and "Each variant minus pg-update" in tables
+    assert "| update-dmr-off | 0 | " in tables  # the seeds it ran
     saved = json.loads((tmp_path / "sweep" / "pg-update" / "seed0" / "summary.json").read_text())
     assert saved["config"]["pseudo_gradient"]["space"] == "update"
     capsys.readouterr()

@@ -157,17 +157,24 @@ def _perplexity_markdown(rows: Sequence[Mapping[str, Any]], budgets: Sequence[fl
     )
 
 
+def paired_cell(entry: Mapping[str, Any], scale: float, digits: int, seeds: bool = False) -> str:
+    """One paired difference as `+m [low, high]`, ` *` where the interval excludes zero, and with
+    `seeds` each seed pair's own difference after it when there are several; `-` when nothing was paired."""
+    if entry.get("mean") is None:
+        return "-"
+    mark = " *" if entry["low"] > 0 or entry["high"] < 0 else ""
+    text = f"{scale * entry['mean']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, {scale * entry['high']:+.{digits}f}]{mark}"
+    per_seed = [value for value in entry.get("per_seed") or [] if value is not None]
+    if seeds and len(per_seed) > 1:
+        text += " (seeds " + ", ".join(f"{scale * value:+.{digits}f}" for value in per_seed) + ")"
+    return text
+
+
 def _paired_markdown(paired: Mapping[str, Any] | None, budgets: Sequence[float]) -> str:
     """Per tier, each method minus the reference on the same examples and seeds, with paired 95% intervals
     (`ubsmoe.report.paired`); empty when no run wrote per-example records."""
     if not paired or not paired.get("methods"):
         return ""
-
-    def cell(entry: Mapping[str, Any], scale: float, digits: int) -> str:
-        if entry.get("mean") is None:
-            return "-"
-        mark = " *" if entry["low"] > 0 or entry["high"] < 0 else ""
-        return f"{scale * entry['mean']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, {scale * entry['high']:+.{digits}f}]{mark}"
 
     header = ["method"] + [f"β={b:g} Δacc pts" for b in budgets] + [f"β={b:g} ΔNLL/token" for b in budgets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -175,7 +182,9 @@ def _paired_markdown(paired: Mapping[str, Any] | None, budgets: Sequence[float])
         lines.append(
             "| "
             + " | ".join(
-                [label] + [cell(t["accuracy"], 100, 1) for t in tiers] + [cell(t["answer_nll"], 1, 3) for t in tiers]
+                [label]
+                + [paired_cell(t["accuracy"], 100, 1) for t in tiers]
+                + [paired_cell(t["answer_nll"], 1, 3) for t in tiers]
             )
             + " |"
         )
