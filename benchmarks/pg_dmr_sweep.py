@@ -33,6 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     "pg-update": [UPDATE],
     "update-kappa-0.25": [UPDATE, "pseudo_gradient.kappa=0.25"],
     "update-kappa-4": [UPDATE, "pseudo_gradient.kappa=4.0"],
+    "update-kappa-16": [UPDATE, "pseudo_gradient.kappa=16.0"],  # where does the kappa-4 gain stop?
     "update-dmr-off": [UPDATE, "dmr.enabled=false"],
     "update-dmr-zeta-0.5": [UPDATE, "dmr.zeta=0.5"],
     "update-dmr-range-0.5": [UPDATE, "dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
