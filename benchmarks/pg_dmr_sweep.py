@@ -4,15 +4,15 @@ Every variant is the benchmark preset (`ubsmoe.config.presets`, evaluation on th
 UB-SMoE with a few `--set` overrides; all run through `ubsmoe.compare.run_comparison`, so a sweep
 interrupted at any point continues where it stopped when the same command runs again, and each
 variant is paired, example by example, against the first (`default`, the paper's settings, pinned by
-REFERENCE below whatever the package's defaults become), and each `update-*` variant also against
-`pg-update` (the settings it changes one thing of).
+REFERENCE below whatever the package's defaults become), and each variant with a PARENT also against
+it (the settings it changes one thing of).
 
     python benchmarks/pg_dmr_sweep.py --out runs/sweep              # every variant, resumable
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --only default,pg-off
     python benchmarks/pg_dmr_sweep.py --out runs/sweep --finished-only   # the table so far, runs nothing
 
 Prints JSON (and writes OUT/sweep.json, and the tables as OUT/sweep.md): per variant and tier, the accuracy and answer perplexity of its
-last evaluation and the paired differences to `default` and, for `update-*`, to `pg-update` (accuracy
+last evaluation and the paired differences to `default` and to its PARENT (accuracy
 and per-token answer NLL) with their 95% bootstrap intervals; the utilization CV and dead experts after the last round. N_p is not swept:
 on the embedded default K_max = M = 8, so every N_p in [K_max, M] is the same model (docs/decisions.md).
 """
@@ -26,32 +26,38 @@ from pathlib import Path
 from typing import Any
 
 UPDATE = "pseudo_gradient.space=update"
+KAPPA4 = [UPDATE, "pseudo_gradient.kappa=4.0"]
 
 VARIANTS: dict[str, list[str]] = {
     "default": ["evaluation.initial=true"],  # also scores the untrained model: the preset's lift over it
     "pg-off": ["pseudo_gradient.enabled=false"],
     "pg-update": [UPDATE],
     "update-kappa-0.25": [UPDATE, "pseudo_gradient.kappa=0.25"],
-    "update-kappa-4": [UPDATE, "pseudo_gradient.kappa=4.0"],
+    "update-kappa-4": KAPPA4,
     "update-kappa-16": [UPDATE, "pseudo_gradient.kappa=16.0"],  # where does the kappa-4 gain stop?
     "update-dmr-off": [UPDATE, "dmr.enabled=false"],
-    "update-dmr-zeta-0.5": [UPDATE, "dmr.zeta=0.5"],
-    "update-dmr-range-0.5": [UPDATE, "dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
-    "update-dmr-zeta-0.99": [UPDATE, "dmr.zeta=0.99"],
-    "update-dmr-range-2": [UPDATE, "dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
+    "k4-dmr-off": [*KAPPA4, "dmr.enabled=false"],
+    "k4-dmr-zeta-0.5": [*KAPPA4, "dmr.zeta=0.5"],
+    "k4-dmr-range-0.5": [*KAPPA4, "dmr.phi_min=-0.5", "dmr.phi_max=0.5"],
+    "k4-dmr-zeta-0.99": [*KAPPA4, "dmr.zeta=0.99"],
+    "k4-dmr-range-2": [*KAPPA4, "dmr.phi_min=-2.0", "dmr.phi_max=2.0"],
     "pg-kappa-0.25": ["pseudo_gradient.kappa=0.25"],
     "pg-kappa-4": ["pseudo_gradient.kappa=4.0"],
 }
 """The sweep started from the paper's settings (`default`: kappa = 1 in gradient space, zeta = 0.9, phi in
 [-1, 1]; its extra evaluation before training changes nothing in its training) and first measured PG's
 space: pg-off is kappa = 0, pg-update applies PG to AdamW's actual updates. Two seeds put PG in update
-space ahead at every tier (docs/decisions.md), so the remaining choices are measured on top of it: each
-`update-*` variant is pg-update with one change, and is also paired against pg-update (`vs_pg_update`).
-The gradient-space kappa variants come last: with update space the default they are no longer a
-choice to make, only a record of how kappa acts under the paper's form."""
+space ahead at every tier (docs/decisions.md), so kappa was measured on top of it (`update-*`, each also
+paired against pg-update); two seeds then put kappa 4 ahead, so DMR's choices are measured on top of
+that (`k4-*`, each also paired against update-kappa-4): every change is measured from the settings the
+evidence so far chose. The gradient-space kappa variants come last: they are no longer a choice to make,
+only a record of how kappa acts under the paper's form."""
 
-PARENT = {label: "pg-update" for label in VARIANTS if label.startswith("update-")}
-"""The variant each `update-*` change is measured against, besides the pinned reference."""
+PARENT = {
+    **{label: "pg-update" for label in VARIANTS if label.startswith("update-")},
+    **{label: "update-kappa-4" for label in VARIANTS if label.startswith("k4-")},
+}
+"""The variant each change is measured against, besides the pinned reference."""
 
 REFERENCE = [
     "method=ubsmoe",
@@ -71,7 +77,7 @@ package's defaults (the sweep's purpose) leaves a half-finished sweep resumable 
 
 def sweep_table(comparison: dict[str, Any], out: Path) -> dict[str, Any]:
     """Per variant and tier: accuracy, answer NLL, the paired difference to the reference variant and,
-    for an `update-*` variant, to pg-update (on the seeds both finished)."""
+    for a variant with a PARENT, to it (`vs_parent`, on the seeds both finished)."""
     from ubsmoe.report.paired import finished_records, paired_runs
 
     paired = (comparison.get("paired") or {}).get("methods", {})
@@ -90,10 +96,11 @@ def sweep_table(comparison: dict[str, Any], out: Path) -> dict[str, Any]:
             if label in paired:
                 entry["vs_default"] = paired[label][index]
             if versus_parent is not None:
-                entry["vs_pg_update"] = versus_parent[index]
+                entry["vs_parent"] = versus_parent[index]
             tiers.append(entry)
         table[label] = {
             "overrides": VARIANTS.get(label, []),
+            "parent": parent,
             "seeds": row["seeds"],
             "utilization_cv": row["utilization_cv"],
             "dead_experts": row["dead_experts"],
@@ -103,12 +110,15 @@ def sweep_table(comparison: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def sweep_markdown(table: dict[str, Any]) -> str:
-    """sweep.md: each variant's paired differences per tier, against `default` and (update-*) against pg-update."""
+    """sweep.md: each variant's paired differences per tier, against `default` and against its PARENT."""
     from ubsmoe.report.comparison import paired_cell
 
+    groups = [("vs_default", "default (the paper's settings)", list(table))]
+    for parent in dict.fromkeys(entry.get("parent") for entry in table.values() if entry.get("parent")):
+        groups.append(("vs_parent", parent, [label for label, entry in table.items() if entry.get("parent") == parent]))
     sections = []
-    for key, title in (("vs_default", "default (the paper's settings)"), ("vs_pg_update", "pg-update")):
-        rows = {label: entry["tiers"] for label, entry in table.items() if any(key in t for t in entry["tiers"])}
+    for key, title, labels in groups:
+        rows = {label: table[label]["tiers"] for label in labels if any(key in t for t in table[label]["tiers"])}
         if not rows:
             continue
         tiers = next(iter(rows.values()))
@@ -151,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--only: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
         if labels[0] != "default":
             labels = ["default", *[label for label in labels if label != "default"]]  # the reference comes first
-        if any(label in PARENT for label in labels) and "pg-update" not in labels:
-            labels.insert(1, "pg-update")  # what the update-* variants are measured against
+        for label in list(labels):  # what each variant is measured against runs before it
+            parent = PARENT.get(label)
+            while parent is not None and parent not in labels:
+                labels.insert(1, parent)
+                parent = PARENT.get(parent)
         base = load_config(args.config, [*REFERENCE, *args.overrides], args.preset)
         for label in labels:  # every variant is a valid configuration before anything runs
             variant_config(base, label, base.seed, VARIANTS)

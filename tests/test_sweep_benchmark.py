@@ -33,7 +33,8 @@ def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):
     assert configs["default"].model_copy(update={"evaluation": base.evaluation}) == base  # only the extra scoring
     assert configs["pg-off"].ubsmoe_config().pseudo_gradient is False
     assert configs["pg-update"].ubsmoe_config().pg_space == "update"
-    assert configs["update-dmr-range-0.5"].ubsmoe_config().phi_max == 0.5
+    assert configs["k4-dmr-range-0.5"].ubsmoe_config().phi_max == 0.5
+    assert configs["k4-dmr-range-0.5"].ubsmoe_config().pg_kappa == 4.0
     assert all(configs[label].ubsmoe_config().pg_space == "update" for label in sweep.PARENT)
     assert all(c.method == "ubsmoe" and c.evaluation.split == "dev" for c in configs.values())
     assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs.values()}) == len(configs)
@@ -53,9 +54,9 @@ def test_a_two_variant_sweep_runs_resumes_and_pairs(sweep, tmp_path, capsys):
     for tier in update["tiers"]:
         difference = tier["vs_default"]["accuracy"]
         assert difference["n"] > 0 and difference["low"] <= difference["mean"] <= difference["high"]
-        assert "vs_pg_update" not in tier
+        assert "vs_parent" not in tier
     for tier in result["variants"]["update-dmr-off"]["tiers"]:
-        assert tier["vs_pg_update"]["accuracy"]["n"] > 0 and tier["vs_pg_update"]["accuracy"]["per_seed"]
+        assert tier["vs_parent"]["accuracy"]["n"] > 0 and tier["vs_parent"]["accuracy"]["per_seed"]
     tables = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "Each variant minus default" in tables and "Each variant minus pg-update" in tables
     assert "| update-dmr-off | 0 | " in tables  # the seeds it ran
