@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("transformers")
 
@@ -20,10 +20,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_cost.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("eval_cost_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 def test_each_k_gets_a_median_per_example_time(bench):

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "headline.py"
 
 
 @pytest.fixture(scope="module")
 def headline():
-    spec = importlib.util.spec_from_file_location("headline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 def _run(folder: Path, correct: list[bool], nll: float, finished: bool = True) -> None:

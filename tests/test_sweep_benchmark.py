@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("transformers")
 
@@ -17,10 +18,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pg_dmr_sweep.p
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("pg_dmr_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 def test_every_variant_is_a_valid_change_of_the_benchmark(sweep):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -24,10 +24,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tier_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tier_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 def encoded(rng: random.Random, n: int) -> list[dict[str, list[int]]]:
