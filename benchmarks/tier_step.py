@@ -10,6 +10,9 @@ on real batches of the default BIG-bench data, made by the simulation's own `cli
                             `on_step` calls, so it is exactly the loop body of client_update)
   ubsmoe_k8_full_logits     the same at K = 8, with client_update's `answer_loss` swapped for the full-logits
                             `model(**batch).loss` it used before the answer-only loss (the "today's K=8" row)
+  ubsmoe_k{K}_pg_gradient   at the lowest and the highest K, the same with the pseudo-gradient in the paper's
+                            gradient space (every block's `pg_space` swapped for the call) instead of the runs'
+                            update space: what update space's adapter snapshot and pseudo-update cost per step
   peft_answer_only          what a user would pick instead: peft LoRA (the config's rank and alpha, target_modules
                             gate_proj / up_proj / down_proj) on the dense SmolLM2 with plain transformers, the same
                             batches, the same `answer_loss`, the same AdamW / clipping settings
@@ -187,6 +190,22 @@ def ubsmoe_round(
     }
 
 
+@contextlib.contextmanager
+def pg_space(model: nn.Module, space: str):
+    """Every UB-SMoE block's pseudo-gradient in `space` for the duration (the block reads its config each step)."""
+    from ubsmoe.moe.model import moe_blocks
+
+    blocks = moe_blocks(model)
+    saved = [block.config for block in blocks]
+    try:
+        for block in blocks:
+            block.config = dataclasses.replace(block.config, pg_space=space)
+        yield
+    finally:
+        for block, config in zip(blocks, saved, strict=True):
+            block.config = config
+
+
 def make_peft(dense: nn.Module, config: Any) -> nn.Module:
     """peft LoRA with the config's rank and alpha on every gate/up/down projection of the dense model."""
     import peft
@@ -255,6 +274,14 @@ def contenders(
     for k in ks:
         runs[f"ubsmoe_k{k}"] = lambda k=k: ubsmoe_round(model, state, settings, method, k, batches)
     runs[f"ubsmoe_k{k_max}_full_logits"] = lambda: ubsmoe_round(model, state, settings, method, k_max, batches, True)
+    if config.pseudo_gradient_active and config.pseudo_gradient.space != "gradient":
+        for k in sorted({min(ks), k_max}):
+
+            def in_gradient_space(k: int = k) -> dict[str, Any]:
+                with pg_space(model, "gradient"):
+                    return ubsmoe_round(model, state, settings, method, k, batches)
+
+            runs[f"ubsmoe_k{k}_pg_gradient"] = in_gradient_space
     runner = PeftRunner(peft_model, settings)
     runs["peft_answer_only"] = lambda: runner.round(batches, full_logits=False)
     runs["peft_full_logits"] = lambda: runner.round(batches, full_logits=True)
@@ -332,6 +359,17 @@ def measure(
             "speedup_vs_peft": peft_s / median[full_name],
             "speedup_vs_peft_full_logits": peft_full_s / median[full_name],
         },
+        *[
+            {
+                "name": name,
+                "what": f"client_update at K = {name.split('_')[1][1:]} with PG in gradient space (runs: update space)",
+                "median_step_s": median[name],
+                "time_ratio_to_k_max": median[name] / median[f"ubsmoe_k{k_max}"],
+                "update_space_cost": median[name.removesuffix("_pg_gradient")] / median[name] - 1,
+            }
+            for name in median
+            if name.endswith("_pg_gradient")
+        ],
         {
             "name": "peft_answer_only",
             "what": "peft LoRA on the dense model, plain transformers, answer_loss (head at the labelled positions)",

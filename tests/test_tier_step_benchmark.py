@@ -18,6 +18,7 @@ from test_moefication import tiny_llama  # noqa: E402
 
 from ubsmoe.config import ExperimentConfig  # noqa: E402
 from ubsmoe.models.moefication import MoEficationConfig, moefy  # noqa: E402
+from ubsmoe.moe.model import moe_blocks  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tier_step.py"
 
@@ -69,6 +70,15 @@ def test_pieces_on_a_tiny_model(bench):
     reference = first["peft_answer_only"][0]
     for name in ("ubsmoe_k4", "ubsmoe_k4_full_logits", "peft_full_logits"):
         assert first[name][0] == pytest.approx(reference, rel=1e-4)
+    # runs' PG acts in update space; the paper's gradient space is timed beside it at the lowest and highest K,
+    # from the same start (same first loss), and the blocks get their own config back
+    gradient_rows = [row["name"] for row in result["reference_rows"] if row["name"].endswith("_pg_gradient")]
+    assert config.pseudo_gradient.space == "update" and gradient_rows == [
+        "ubsmoe_k1_pg_gradient",
+        "ubsmoe_k4_pg_gradient",
+    ]
+    assert first["ubsmoe_k1_pg_gradient"][0] == pytest.approx(first["ubsmoe_k1"][0], rel=1e-6)
+    assert {block.config.pg_space for block in moe_blocks(moe)} == {"update"}
 
 
 def test_help():
