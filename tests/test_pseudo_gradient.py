@@ -9,9 +9,9 @@ from ubsmoe.moe import (
     UBSMoEBlock,
     UBSMoEConfig,
     adapters_before_step,
-    add_pseudo_gradient,
     apply_pseudo_gradients,
     apply_pseudo_updates,
+    pseudo_gradient_increment,
     sparsity_factor,
 )
 
@@ -107,12 +107,13 @@ def test_masses_are_per_step_and_not_recorded_in_eval():
         torch.testing.assert_close(p.grad, real[name])
 
 
-def test_add_pseudo_gradient_pure_function():
+def test_pseudo_gradient_increment_pure_function():
     grad = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]])
-    out = add_pseudo_gradient(grad, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.5, 2.0]), kappa=1.0)
-    g_bar = torch.tensor([2.0, 3.0])
-    torch.testing.assert_close(out, grad + torch.tensor([[0.0], [0.5], [2.0]]) * g_bar)
-    assert add_pseudo_gradient(grad, torch.zeros(3), torch.ones(3)) is grad
+    used, missed = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.5, 2.0])
+    out = pseudo_gradient_increment(grad.sum(dim=0), used, missed, kappa=2.0)
+    g_bar = torch.tensor([2.0, 3.0])  # (sum_j g_j) / (sum_j mu_j)
+    torch.testing.assert_close(out, 2.0 * torch.tensor([[0.0], [0.5], [2.0]]) * g_bar)
+    assert pseudo_gradient_increment(grad.sum(dim=0), torch.zeros(3), torch.ones(3)) is None  # nothing was used
 
 
 def test_update_space_adds_the_pseudo_update_after_the_optimizer_step():
@@ -129,15 +130,18 @@ def test_update_space_adds_the_pseudo_update_after_the_optimizer_step():
     active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(2, dim=-1).indices, True)
     mu, q = (probs * active).sum(0), (probs * ~active).sum(0)
     optimizers = [torch.optim.AdamW(b.lora.parameters(), lr=1e-2, weight_decay=0.0) for b in (block, reference)]
+    starts = [p.detach().clone() for p in block.lora.adapter_parameters()]
     before = adapters_before_step(block)
     assert adapters_before_step(reference) == [None]
+    # it keeps only what the formula needs: each adapter tensor summed over the experts
+    assert [b.shape for b in before[0]] == [p.shape[1:] for p in starts]
     for optimizer in optimizers:
         optimizer.step()
     apply_pseudo_updates(block, before)
     apply_pseudo_updates(reference, [None])
     rho = (M - 2) / 2
     for p, plain, start in zip(
-        block.lora.adapter_parameters(), reference.lora.adapter_parameters(), before[0], strict=True
+        block.lora.adapter_parameters(), reference.lora.adapter_parameters(), starts, strict=True
     ):
         update = plain.detach() - start  # AdamW's update on the real gradients alone
         expected = start + update + 0.5 * rho * q.view(-1, 1, 1) * update.sum(0) / mu.sum()
@@ -155,9 +159,10 @@ def test_update_space_is_invariant_to_the_gradient_scale_under_adam():
         block.zero_grad()
         (scale * block(x).pow(2).sum()).backward()
         optimizer = torch.optim.AdamW(block.lora.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12)
+        down_b = block.lora.adapter_parameters()[-1]  # lora_B["down"], the last adapter tensor
+        start = down_b.detach()[STARVED].clone()
         before = adapters_before_step(block)
         optimizer.step()
         apply_pseudo_updates(block, before)
-        down_b = block.lora.adapter_parameters()[-1]  # lora_B["down"], the last adapter tensor
-        moved.append(down_b.detach()[STARVED] - before[0][-1][STARVED])
+        moved.append(down_b.detach()[STARVED] - start)
     torch.testing.assert_close(moved[0], moved[1])

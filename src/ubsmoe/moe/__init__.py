@@ -26,7 +26,7 @@ from ubsmoe.moe.model import (
     skip_padding,
     uses_pseudo_updates,
 )
-from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
+from ubsmoe.moe.pseudo_gradient import pseudo_gradient_increment
 from ubsmoe.moe.routing import Routing, modulated_logits, range_regularizer, route
 from ubsmoe.moe.stats import dead_experts, utilization_cv
 
@@ -38,7 +38,7 @@ __all__ = [
     "UBSMoEBlock",
     "UBSMoEConfig",
     "adapters_before_step",
-    "add_pseudo_gradient",
+    "pseudo_gradient_increment",
     "apply_pseudo_gradients",
     "apply_pseudo_updates",
     "attach_extensions",

@@ -16,7 +16,7 @@ from torch import nn
 from ubsmoe.moe.config import UBSMoEConfig, sparsity_factor
 from ubsmoe.moe.experts import ExpertLoRA, frozen_parameter, grouped_mm_supported, swiglu_experts
 from ubsmoe.moe.extensions import BlockExtension
-from ubsmoe.moe.pseudo_gradient import add_pseudo_gradient
+from ubsmoe.moe.pseudo_gradient import pseudo_gradient_increment
 from ubsmoe.moe.routing import range_regularizer, route
 
 
@@ -269,22 +269,28 @@ class UBSMoEBlock(nn.Module):
             return
         for parameter in self.lora.adapter_parameters():
             if parameter.grad is not None:
-                parameter.grad.copy_(
-                    add_pseudo_gradient(parameter.grad, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
-                )
+                self._add_increment(parameter.grad, parameter.grad.sum(dim=0))
         self.clear_pseudo_gradient_masses()
+
+    def _add_increment(self, tensor: torch.Tensor, summed: torch.Tensor) -> None:
+        increment = pseudo_gradient_increment(summed, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
+        if increment is not None:
+            tensor.add_(increment)
 
     @torch.no_grad()
     def adapters_before_step(self) -> list[torch.Tensor] | None:
-        """Copies of the expert-LoRA tensors before the optimizer step, when PG acts in update space (else None).
+        """Each expert-LoRA tensor summed over the experts, before the optimizer step, when PG acts in update
+        space (else None).
 
         Update space: the optimizer steps on the real gradients only; `apply_pseudo_update(before)` then
         adds kappa * (rho_c * q_i) * u_bar to every expert, u_bar = (sum_j Delta_j) / (sum_j mu_j) built
         from the experts' actual updates Delta_j, so Adam's per-coordinate normalisation cannot rescale it.
+        sum_j Delta_j is the experts' sum after the step minus this one, so one expert's worth of memory is
+        kept instead of a copy of every adapter.
         """
         if not (self.config.pseudo_gradient and self.config.pg_space == "update" and self.lora.targets):
             return None
-        return [parameter.detach().clone() for parameter in self.lora.adapter_parameters()]
+        return [parameter.detach().sum(dim=0) for parameter in self.lora.adapter_parameters()]
 
     @torch.no_grad()
     def apply_pseudo_update(self, before: list[torch.Tensor] | None) -> None:
@@ -292,10 +298,8 @@ class UBSMoEBlock(nn.Module):
         clear the step's masses; a no-op for `before = None`."""
         if before is None:
             return
-        for parameter, previous in zip(self.lora.adapter_parameters(), before, strict=True):
-            update = parameter - previous
-            pseudo = add_pseudo_gradient(update, self._used_mass, self._scaled_missed_mass, self.config.pg_kappa)
-            parameter.add_(pseudo - update)
+        for parameter, summed_before in zip(self.lora.adapter_parameters(), before, strict=True):
+            self._add_increment(parameter, parameter.sum(dim=0) - summed_before)
         self.clear_pseudo_gradient_masses()
 
     @torch.no_grad()
