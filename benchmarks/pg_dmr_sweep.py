@@ -35,6 +35,9 @@ VARIANTS: dict[str, list[str]] = {
     "update-kappa-0.25": [UPDATE, "pseudo_gradient.kappa=0.25"],
     "update-kappa-4": KAPPA4,
     "update-kappa-16": [UPDATE, "pseudo_gradient.kappa=16.0"],  # where does the kappa-4 gain stop?
+    "update-kappa-64": [UPDATE, "pseudo_gradient.kappa=64.0"],  # kappa 16 went on lowering the NLL
+    # a control: is a larger kappa only a larger step? kappa 1 with 4x the learning rate of every round
+    "update-lr-4x": [UPDATE, "federation.optimizer.lr=0.004", "federation.optimizer.min_lr=0.0004"],
     "update-dmr-off": [UPDATE, "dmr.enabled=false"],
     "k4-dmr-off": [*KAPPA4, "dmr.enabled=false"],
     "k4-dmr-zeta-0.5": [*KAPPA4, "dmr.zeta=0.5"],
