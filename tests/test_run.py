@@ -328,7 +328,10 @@ def test_an_existing_run_is_not_overwritten(setup, reference):
 
 
 def test_dmr_lowers_the_utilization_cv(setup):
+    # PG off in both runs, so DMR is the one difference: a large kappa moves every expert's LoRA, which on
+    # this tiny model shifts the routing too (the benchmark's CV with DMR stays lower at kappa 16: decisions.md)
     quick = ["federation.rounds=4", "evaluation.every=4", "evaluation.initial=false", "output.plots=false"]
+    quick += ["pseudo_gradient.enabled=false"]
     cvs = {}
     for method in ("ubsmoe", "ubsmoe-no-dmr"):
         summary = run_experiment(_config(setup, f"method={method}", *quick), setup["root"] / f"dmr-{method}")
