@@ -53,8 +53,8 @@ space: pg-off is kappa = 0, pg-update applies PG to AdamW's actual updates. Two 
 space ahead at every tier (docs/decisions.md), so kappa was measured on top of it (`update-*`, each also
 paired against pg-update); two seeds then put kappa 4 ahead, so DMR's choices are measured on top of
 that (`k4-*`, each also paired against update-kappa-4): every change is measured from the settings the
-evidence so far chose. Two seeds later put kappa 16 ahead of 4 and one put 64 behind 16 at K = 2, so runs
-default to 16; DMR's choices stay measured at 4. The gradient-space kappa variants come last: they are no longer a choice to make,
+evidence so far chose. Two seeds later put kappa 16 ahead of 4 on the answer NLL (one put 64 behind 16 at
+K = 2), but 16 cost the default run's K = 8 accuracy, so runs keep 4 (docs/decisions.md). The gradient-space kappa variants come last: they are no longer a choice to make,
 only a record of how kappa acts under the paper's form."""
 
 PARENT = {

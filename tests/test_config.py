@@ -53,9 +53,9 @@ def test_ubsmoe_config_matches_design_defaults():
     assert layer.num_candidates is None
     assert layer.candidates_for(8, 8) == 8 and layer.candidates_for(8, 64) == 16  # 2 * K_max clipped to M
     assert (layer.phi_min, layer.phi_max, layer.range_lambda) == (-1.0, 1.0, 1e-2)
-    # runs: PG in update space at kappa 16, set from the dev-split sweep (docs/decisions.md); the layer's own
+    # runs: PG in update space at kappa 4, set from the dev-split sweep (docs/decisions.md); the layer's own
     # defaults stay the paper's form (gradient space, kappa 1)
-    assert (layer.pg_kappa, layer.pg_rho_form, layer.pg_space) == (16.0, "complement", "update")
+    assert (layer.pg_kappa, layer.pg_rho_form, layer.pg_space) == (4.0, "complement", "update")
     assert (UBSMoEConfig().pg_kappa, UBSMoEConfig().pg_space) == (1.0, "gradient")
     dmr = ExperimentConfig().dmr
     assert (dmr.zeta, dmr.eps) == (0.9, 1e-6)
