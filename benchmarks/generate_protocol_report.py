@@ -46,6 +46,8 @@ def tier_report(records: list[dict[str, Any]], tier: int, samples: int = 3) -> d
         "budget": mine[0]["budget"],
         "top_k": mine[0]["top_k"],
         "rank": mine[0].get("rank"),
+        # the rank the tier's clients held when evaluated (HetLoRA prunes it); None in records that predate it
+        "evaluated_rank": mine[0].get("evaluated_rank"),
         "n": n,
         "accuracy": correct / n,
         "wilson95": list(wilson_interval(correct, n)),

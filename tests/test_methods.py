@@ -170,6 +170,16 @@ def test_every_method_runs(setup, method):
             assert small["upload_bytes"] < large["upload_bytes"]
     else:
         assert [t["top_k"] for t in tiers] == [1, 2]
+    if method in ("hetlora", "flexlora", "flora", "florist"):
+        # a tier is evaluated at the rank its clients hold after the last round: HetLoRA's pruned one
+        last_evaluation = sorted((out / "evaluations").glob("round_*.jsonl"))[-1]
+        records = [json.loads(line) for line in last_evaluation.read_text().splitlines()]
+        for tier, first_client in zip(tiers, (0, 2), strict=True):
+            last = next(x for x in lines if x["client_id"] == first_client and x["round"] == 1)
+            expected = min(last["rank"], int(last["next_rank"])) if method == "hetlora" else tier["rank"]
+            assert {(r["rank"], r["evaluated_rank"]) for r in records if r["tier"] == tier["tier"]} == {
+                (tier["rank"], expected)
+            }
     if method in ("flora", "florist"):
         assert any(k.startswith("merged_A.") for k in state.method_state)
         assert summary["tiers"][0]["accuracy"] == summary["tiers"][1]["accuracy"]  # one merged model

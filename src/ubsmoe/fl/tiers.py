@@ -175,9 +175,10 @@ class TierEvaluator:
         examples: list[dict[str, Any]] = []
         try:
             for tier in self.tiers:
+                evaluated_rank = None
                 if state is not None:
-                    rank = self.method.client_rank(state, tier.clients[0], tier.rank)
-                    view = self.method.tier_view(state, rank, tier.clients)
+                    evaluated_rank = self.method.client_rank(state, tier.clients[0], tier.rank)
+                    view = self.method.tier_view(state, evaluated_rank, tier.clients)
                     load_global_state(model, view)
                     _load_local(model, view)
                 set_top_k(model, tier.top_k)
@@ -194,6 +195,10 @@ class TierEvaluator:
                     result["heldout_perplexity"] = perplexity(model, self.heldout)
                 rank = None if self.config.budgets_set_top_k else tier.rank  # as summary.json: K tiers have no rank
                 where = {"tier": tier.index, "budget": tier.budget, "top_k": tier.top_k, "rank": rank}
+                if rank is not None and evaluated_rank is not None:
+                    # HetLoRA prunes ranks during training: the tier is named by its budget's rank but its
+                    # clients hold (and are evaluated at) the pruned one
+                    where["evaluated_rank"] = evaluated_rank
                 examples += [{**where, **record} for record in result.pop("examples")]
                 results.append({**where, **result})
         finally:
