@@ -180,6 +180,7 @@ def test_every_method_runs(setup, method):
             assert {(r["rank"], r["evaluated_rank"]) for r in records if r["tier"] == tier["tier"]} == {
                 (tier["rank"], expected)
             }
+            assert tier["evaluated_rank"] == expected
     if method in ("flora", "florist"):
         assert any(k.startswith("merged_A.") for k in state.method_state)
         assert summary["tiers"][0]["accuracy"] == summary["tiers"][1]["accuracy"]  # one merged model

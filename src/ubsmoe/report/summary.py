@@ -100,6 +100,8 @@ def build_summary(
                 "budget": tier.budget,
                 "top_k": tier.top_k,  # K_max for every tier of a rank method
                 "rank": None if config.budgets_set_top_k else tier.rank,
+                # the rank the tier's clients held at that evaluation (HetLoRA's pruning lowers it)
+                "evaluated_rank": final_entry.get("evaluated_rank") if final_entry else None,
                 "clients": list(tier.clients),
                 "accuracy": _tier_accuracy(final_entry),
                 "initial_accuracy": _tier_accuracy(initial_entry),
