@@ -8,7 +8,9 @@ its finished seeds) and the paired differences `reference - other` on the same e
 (`ubsmoe.report.paired`: accuracy in points and answer NLL per token, with the 95% interval that
 resamples seeds and examples, and each seed pair's own difference). The "best rank baseline" is
 chosen per tier as the rank method with the highest mean accuracy on this very split, which favours
-the baseline: UB-SMoE's margin over it is, if anything, understated.
+the baseline: UB-SMoE's margin over it is, if anything, understated. FedIT is not among them: it trains
+every client at the full rank whatever its budget, so it is the no-budget reference (`ubsmoe compare`'s
+paired table has it), not a way to fit a budget.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 from ubsmoe.report.comparison import paired_cell
 from ubsmoe.report.paired import finished_records, paired_runs
 
-RANK_BASELINES = ("hetlora", "flexlora", "flora", "florist", "fedit")
+RANK_BASELINES = ("hetlora", "flexlora", "flora", "florist")
+"""The heterogeneous-rank methods: each client trains at the rank its budget allows."""
 
 
 def _finished_seeds(folder: Path, label: str) -> dict[str, dict[str, Any]]:

@@ -46,7 +46,7 @@ def test_the_best_rank_baseline_is_picked_per_tier_and_paired(headline, tmp_path
     assert versus["accuracy"]["mean"] == pytest.approx(0.3) and versus["answer_nll"]["mean"] == pytest.approx(-0.5)
     assert row["best_rank_baseline"]["method"] == "flexlora"
     assert row["ubsmoe - best rank baseline"]["accuracy"]["mean"] == pytest.approx(0.2)
-    assert set(result["missing"]) == {"flora", "florist", "fedit"}
+    assert set(result["missing"]) == {"flora", "florist"}
     table = (tmp_path / "table.md").read_text()
     assert "| K=2 | 80.0 ± 0.0 | 50.0 ± 0.0 | +30.0 [" in table and "flexlora (60.0 ± 0.0)" in table
 
